@@ -1,0 +1,8 @@
+"""`coach cloud ...`: the cloud service."""
+
+from coach_runtime.cli import Command
+
+COMMANDS = [
+    Command("serve", "cloud.serve_cli", "serve plan bundles' tails over gRPC", "cloud"),
+    Command("certs", "cloud.certs", "make a dev CA and server/client certificates", "cloud"),
+]

@@ -1,0 +1,1 @@
+"""COACH runtime: end-cloud collaborative DNN inference."""

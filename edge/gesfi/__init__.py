@@ -1,0 +1,1 @@
+"""GesFi on the device: CSI -> signed Doppler images (preprocess) and the edge source (source)."""
