@@ -196,35 +196,46 @@ def trace_stats(trace: Trace, window_s: float = 1.0) -> TraceStats:
 # ---------------------------------------------------------------- pure link model
 
 
-def simulate_messages(trace: Trace, send_ms, nbytes, delay_ms: float = 0.0) -> np.ndarray:
-    """When each message's last byte arrives, for messages written into a FIFO byte stream.
+class TraceLink:
+    """The emulator's link model, one message at a time (state: the last opportunity used).
 
-    The link model is the emulator's: message i enters the queue whole at send_ms[i] (sorted);
-    each opportunity at or after that time carries up to 1500 queued bytes, a partly used
-    opportunity may carry the head of the next message if it was already queued, and capacity
-    unused while the queue is empty is lost. Arrival = time of the opportunity that carries the
-    message's last byte + delay_ms. Returns float64 ms, one per message.
+    Message i enters the FIFO whole at `send(t_ms, nbytes)` (calls in time order); each
+    opportunity at or after that time carries up to 1500 queued bytes, a partly used opportunity
+    may carry the head of the next message if it was already queued, and capacity unused while the
+    queue is empty is lost. `send` returns when the last byte arrives: the time of the opportunity
+    that carries it, plus delay_ms.
     """
+
+    def __init__(self, trace: Trace, delay_ms: float = 0.0):
+        self.trace, self.delay_ms = trace, delay_ms
+        self._last = -1  # index of the opportunity that carried the previous message's last byte
+        self._left = 0  # bytes still free in that opportunity
+        self._t = -math.inf
+
+    def send(self, t_ms: float, nbytes: int) -> float:
+        if t_ms < self._t or nbytes <= 0:
+            raise ValueError("TraceLink.send: times must not go back and nbytes must be > 0")
+        self._t = t_ms
+        first_free = self.trace.count_before(t_ms)  # first opportunity this message could use
+        b = int(nbytes)
+        if self._last >= first_free and self._left > 0:  # share the last opportunity
+            used = min(self._left, b)
+            b -= used
+            self._left -= used
+            if b == 0:
+                return self.trace.time_of(self._last) + self.delay_ms
+        k = max(first_free, self._last + 1)
+        n = -(-b // PACKET_BYTES)
+        self._last = k + n - 1
+        self._left = n * PACKET_BYTES - b
+        return self.trace.time_of(self._last) + self.delay_ms
+
+
+def simulate_messages(trace: Trace, send_ms, nbytes, delay_ms: float = 0.0) -> np.ndarray:
+    """Arrival time (ms) of each message written into the link at send_ms (see TraceLink)."""
     send = np.asarray(send_ms, dtype=np.float64)
     size = np.asarray(nbytes, dtype=np.int64)
-    if send.shape != size.shape or np.any(np.diff(send) < 0) or np.any(size <= 0):
-        raise ValueError("simulate_messages: send_ms sorted, nbytes > 0, same length")
-    first_free = trace.count_before(send)  # first opportunity each message could use
-    out = np.empty(send.size, dtype=np.float64)
-    last = -1  # index of the opportunity that carried the previous message's last byte
-    left = 0  # bytes still free in that opportunity
-    for i in range(send.size):
-        b = int(size[i])
-        if last >= first_free[i] and left > 0:  # share the previous message's last opportunity
-            used = min(left, b)
-            b -= used
-            left -= used
-            if b == 0:
-                out[i] = trace.time_of(last)
-                continue
-        k = max(int(first_free[i]), last + 1)
-        n = -(-b // PACKET_BYTES)
-        last = k + n - 1
-        left = n * PACKET_BYTES - b
-        out[i] = trace.time_of(last)
-    return out + delay_ms
+    if send.shape != size.shape:
+        raise ValueError("simulate_messages: send_ms and nbytes differ in length")
+    link = TraceLink(trace, delay_ms)
+    return np.array([link.send(t, n) for t, n in zip(send.tolist(), size.tolist())])

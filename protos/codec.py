@@ -150,12 +150,12 @@ def encode(
     """Encode `array` as a Tensor at `bits` (see module doc). `axis`: per-channel quantization."""
     x = np.asarray(array)
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"tensor '{name}': bits={bits} is not one of {SUPPORTED_BITS}")
+        raise ValueError(f"tensor {name!r}: bits={bits} is not one of {SUPPORTED_BITS}")
     if compress not in COMPRESSIONS:
-        raise ValueError(f"tensor '{name}': compress={compress!r} is not one of none, zstd, lz4")
+        raise ValueError(f"tensor {name!r}: compress={compress!r} is not one of none, zstd, lz4")
     is_float = np.issubdtype(x.dtype, np.floating)
     if x.dtype.newbyteorder("=") not in _ENUM_OF and not is_float:
-        raise ValueError(f"tensor '{name}': dtype {x.dtype} cannot be sent")
+        raise ValueError(f"tensor {name!r}: dtype {x.dtype} cannot be sent")
     t = pb.Tensor(name=name, shape=x.shape)
     if bits == 32:
         raw = np.ascontiguousarray(x, dtype=np.float32 if is_float else x.dtype.newbyteorder("<"))
@@ -163,7 +163,7 @@ def encode(
         data = raw.tobytes()
     else:
         if not is_float:
-            raise ValueError(f"tensor '{name}': {bits}-bit quantization needs a floating-point array, got {x.dtype}")
+            raise ValueError(f"tensor {name!r}: {bits}-bit quantization needs a floating-point array, got {x.dtype}")
         t.dtype = _ENUM_OF.get(x.dtype.newbyteorder("="), pb.FLOAT32)
         if bits == 16:
             t.quantization.bits = 16
@@ -186,7 +186,7 @@ def _encode_uaq(x: np.ndarray, bits: int, axis: int | None, t: pb.Tensor) -> byt
         flat = x.reshape(-1)
         lo, hi = _minmax(flat) if flat.size else (0.0, 0.0)
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"tensor '{t.name}': contains NaN or Inf; cannot quantize")
+            raise ValueError(f"tensor {t.name!r}: contains NaN or Inf; cannot quantize")
         scale, zp = _affine_params(np.array([lo]), np.array([hi]), bits)
         q.scheme = pb.PER_TENSOR
         inv = np.full(1, 1.0 / scale[0], np.float32)
@@ -194,7 +194,7 @@ def _encode_uaq(x: np.ndarray, bits: int, axis: int | None, t: pb.Tensor) -> byt
         out = _quantize_pack(flat, inv, off, bits, channel_view=None)
     else:
         if not -x.ndim <= axis < x.ndim:
-            raise ValueError(f"tensor '{t.name}': axis {axis} out of range for rank {x.ndim}")
+            raise ValueError(f"tensor {t.name!r}: axis {axis} out of range for rank {x.ndim}")
         axis %= x.ndim
         pre = int(np.prod(x.shape[:axis]))
         c = x.shape[axis]
@@ -205,7 +205,7 @@ def _encode_uaq(x: np.ndarray, bits: int, axis: int | None, t: pb.Tensor) -> byt
         else:
             lo = hi = np.zeros(c, np.float32)
         if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            raise ValueError(f"tensor '{t.name}': contains NaN or Inf; cannot quantize")
+            raise ValueError(f"tensor {t.name!r}: contains NaN or Inf; cannot quantize")
         scale, zp = _affine_params(lo, hi, bits)
         q.scheme = pb.PER_CHANNEL
         q.axis = axis
@@ -266,7 +266,7 @@ def _compress(data: bytes, kind: int) -> bytes:
 
 
 def _fail(t: pb.Tensor, msg: str) -> ValueError:
-    return ValueError(f"tensor '{t.name}': {msg}")
+    return ValueError(f"tensor {t.name!r}: {msg}")  # repr: a client's name can't break the line
 
 
 def decode(tensor: pb.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
@@ -280,7 +280,7 @@ def decode(tensor: pb.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.nd
     if any(d < 0 for d in shape):
         raise _fail(t, f"negative dimension in shape {list(shape)}")
     n = math.prod(shape)
-    if n > max_elements:
+    if n > max_elements or any(d > max_elements for d in shape):
         raise _fail(t, f"shape {list(shape)} has {n} elements, over the limit of {max_elements}")
     bits = t.quantization.bits if t.HasField("quantization") else 0
     out_dtype = _DTYPES[t.dtype]
@@ -320,6 +320,8 @@ def _check_uaq_params(t: pb.Tensor, shape: tuple[int, ...], bits: int) -> None:
     scales = np.asarray(q.scales, np.float64)
     if count and not (np.isfinite(scales).all() and (scales > 0).all()):
         raise _fail(t, "scales must be finite and > 0")
+    if count and (scales * ((1 << bits) - 1) > np.finfo(np.float32).max).any():
+        raise _fail(t, "scales so large that dequantized values overflow float32")
     zps = np.asarray(q.zero_points, np.int64)
     if count and ((zps < 0).any() or (zps > (1 << bits) - 1).any()):
         raise _fail(t, f"zero points must lie in [0, {(1 << bits) - 1}]")

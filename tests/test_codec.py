@@ -181,3 +181,25 @@ def test_decode_random_or_truncated_bytes_raises_only_value_error(raw, cut, bits
         codec.decode(parsed, max_elements=4096)
     except ValueError:
         pass
+
+
+def test_zero_size_tensor_with_huge_dimension_is_refused():
+    t = pb.Tensor(name="z", dtype=pb.FLOAT32, shape=[0, 1 << 62])
+    with pytest.raises(ValueError, match="over the limit"):
+        codec.decode(t)
+
+
+def test_overflowing_scale_is_refused():
+    t = _valid(bits=8)
+    t.quantization.scales[0] = 3e38
+    with pytest.raises(ValueError, match="overflow"):
+        codec.decode(t)
+
+
+def test_messages_stay_on_one_line_whatever_the_name():
+    t = _valid()
+    t.name = "evil\nFAKE LOG LINE"
+    t.data = t.data[:-1]
+    with pytest.raises(ValueError) as info:
+        codec.decode(t)
+    assert "\n" not in str(info.value)

@@ -11,6 +11,8 @@ Per receiver (one NIC with >= 2 receive antennas):
    when its static part dominates, the ratio is a Moebius map of the moving path's phasor that keeps
    the direction of rotation, so the sign of the Doppler survives. Bad entries (zero, NaN, Inf,
    a near-zero denominator, huge outliers) are masked and repaired by interpolation over time.
+   Each chain's per-packet gain is normalised (per-chain AGC), and subcarriers where the
+   denominator is faded are weighted down (there the Doppler would come out mirrored).
 2. Band filter: |Doppler| in band_hz (a real Butterworth filter on the complex signal keeps +f and
    -f alike). band_hz[0] == 0 keeps the static (0 Hz) part.
 3. Subcarrier combination: PCA over subcarriers of the band-limited ratio (the Doppler of the
@@ -38,6 +40,10 @@ import numpy as np
 from scipy import signal
 
 log = logging.getLogger(__name__)
+
+# Bump when the images change for the same CSI and config, so datasets built with an older
+# preprocessing can be told apart (train/serve skew).
+PREPROCESS_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,8 @@ def csi_ratio(csi: np.ndarray, pair: tuple[int, int] | None = None) -> np.ndarra
 
     pair=None chooses by signal quality (choose_pair). With one receive antenna, the ratio is taken
     between the two best transmit chains; with one antenna and one chain, against the most stable
-    subcarrier (weaker, but still cancels the per-packet phase offsets). Never NaN, never divides by 0.
+    subcarrier (weaker, but still cancels the per-packet phase offsets). See pair_ratio for the
+    masking, gain normalisation and notch weighting. Never NaN, never divides by 0.
     """
     _check_csi(csi)
     T, S, R, X = csi.shape
@@ -159,29 +166,63 @@ def csi_ratio(csi: np.ndarray, pair: tuple[int, int] | None = None) -> np.ndarra
     else:
         x = csi[:, :, 0, 0]
         q = antenna_quality(x[:, :, None, None].transpose(0, 2, 1, 3))[:, 0]  # subcarriers as "antennas"
-        num, den = x, np.repeat(x[:, [int(np.argmax(q))]], S, axis=1)
-    return _safe_ratio(num, den)
+        if T >= 3:  # a column identical in every packet is firmware filler, not a channel
+            q[(x == x[:1]).all(axis=0)] = 0.0
+        return pair_ratio(x, np.repeat(x[:, [int(np.argmax(q))]], S, axis=1), normalise=False)
+    return pair_ratio(num, den)
 
 
-def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = num.astype(np.complex64, copy=False)
-    den = den.astype(np.complex64, copy=False)
-    p_den = den.real * den.real + den.imag * den.imag  # |den|^2; NaN/Inf stay non-finite
-    finite = np.isfinite(p_den) & np.isfinite(num)
-    all_finite = bool(finite.all())
-    sub = p_den[:: max(1, p_den.shape[0] // 128)]
-    sub = sub[np.isfinite(sub)]
-    ref = float(np.median(sub)) if sub.size else 0.0
-    good = p_den > max(1e-6 * ref, float(np.finfo(np.float32).tiny))  # |den| > 1e-3 typical
-    if not all_finite:
-        good &= finite
-    ratio = np.zeros(num.shape, np.complex64)
-    np.divide(num, den, out=ratio, where=good)
-    # a denominator in a deep fade still blows up: drop gross outliers (|ratio| > 20x typical)
-    p = ratio.real * ratio.real + ratio.imag * ratio.imag
-    psub = p[:: max(1, p.shape[0] // 128)][good[:: max(1, p.shape[0] // 128)]]
-    if psub.size:
-        good &= p <= 400.0 * float(np.median(psub)) + 1e-24
+def pair_ratio(num: np.ndarray, den: np.ndarray, normalise: bool = True) -> np.ndarray:
+    """num / den (T, S) complex64, safely, in few passes over the data.
+
+    - Entries that are NaN/Inf, or whose denominator is below 1e-3 of its typical amplitude, or
+      whose |ratio| is over 20x typical (a denominator in a deep fade), are masked and repaired by
+      interpolation over time (repair_gaps).
+    - normalise: each chain's per-packet gain is normalised, i.e. the ratio is multiplied by
+      rms(den) / rms(num) over subcarriers. Some NICs (Atheros) apply AGC per receive chain, which
+      makes |ratio| jump from packet to packet; a moving path changes the rms over many
+      subcarriers very little, so its Doppler survives.
+    - normalise: subcarriers where the denominator is faded are weighted down by
+      (level / median level)^2, capped at 1 (level: the denominator's median amplitude there).
+      Where its static part is faded the moving path can outweigh it, and the ratio's Doppler comes
+      out mirrored (-f_D) and loud (noise / small). Squared weights let the subcarriers with a
+      strong denominator carry the sign (moving path at half the static level: sign right in 40/40
+      synthetic scenes; linear weights below the median: 34/40). The weighted ratio is still
+      referenced to the denominator's phase: phase offsets cancel, nothing blows up.
+    """
+    num = np.ascontiguousarray(num, dtype=np.complex64)
+    den = np.ascontiguousarray(den, dtype=np.complex64)
+    T = num.shape[0]
+    pn = num.real * num.real + num.imag * num.imag
+    pd = den.real * den.real + den.imag * den.imag
+    if not (np.isfinite(pn.sum()) and np.isfinite(pd.sum())):  # rare: NaN/Inf somewhere
+        bad = ~(np.isfinite(pn) & np.isfinite(pd))
+        pn[bad] = 0.0
+        pd[bad] = 0.0
+        num = np.where(bad, 0, num)
+        den = np.where(bad, 0, den)
+    step = max(1, T // 128)  # a subsample of packets is plenty for typical levels
+    ref = float(np.median(pd[::step]))
+    good = pd > max(1e-6 * ref, float(np.finfo(np.float32).tiny))  # |den| > 1e-3 of typical
+    q = np.zeros_like(pd)
+    np.divide(pn, pd, out=q, where=good)  # |ratio|^2
+    qs = q[::step][good[::step]]
+    if qs.size:
+        good &= q <= 400.0 * float(np.median(qs)) + 1e-30  # |ratio| <= 20x typical
+    ratio = num * den.conj()
+    scale = np.zeros_like(pd)
+    np.divide(1.0, pd, out=scale, where=good)
+    ratio *= scale
+    if normalise:
+        mn, md = pn.mean(axis=1), pd.mean(axis=1)
+        gain = np.ones(T, np.float32)
+        ok = (mn > 0) & (md > 0)
+        gain[ok] = np.sqrt(md[ok] / mn[ok])
+        level = np.sqrt(np.median(pd[::step], axis=0))  # (S,)
+        lref = float(np.median(level))
+        weight = np.clip(level / lref, 1e-3, 1.0) ** 2 if lref > 0 else np.ones_like(level)
+        ratio *= gain[:, None]
+        ratio *= weight[None, :].astype(np.float32)
     return repair_gaps(ratio, good)
 
 
@@ -245,26 +286,80 @@ def pca_components(x: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Band-limited principal components (T, n) of x (T, S) complex.
 
     The PCA basis comes from the covariance of the band-limited signal, computed in the frequency
-    domain (sum over in-band FFT bins); only the n kept components are then filtered in time. This
-    equals "filter all subcarriers, then PCA" (filtering commutes with the projection) at a tenth of
-    the cost.
+    domain (a sum over the in-band FFT bins of the block-averaged signal; block averaging to
+    >= 2.5 fmax only trims what the band filter removes anyway); only the n kept components are
+    then filtered in time.
+    This is "filter all subcarriers, then PCA" (filtering commutes with the projection) at a
+    fraction of the cost. The spectrogram sums the power of the n components, which depends on
+    their subspace only, so a subspace iteration is enough (no LAPACK).
+
+    Every product here is kept small (row chunks, see _rows_matmul): multithreaded OpenBLAS on a
+    busy device turns a 30x30 eigh or a (2000 x 30) @ (30 x 3) into tens of milliseconds of
+    spinning threads; below its threading threshold the same calls take microseconds.
     """
     T, S = x.shape
     n = min(cfg.n_components, S)
     lo, hi = cfg.band_hz
     if S > n:
-        spec = np.fft.fft(x, axis=0)
-        f = np.abs(np.fft.fftfreq(T, 1.0 / cfg.fs))
-        sel = spec[(f >= lo) & (f <= hi)] if T > 1 else spec
+        # block means of q samples: a cheap low-pass that leaves the band intact (fs/q > 2 fmax)
+        q = max(1, int(cfg.fs // (2.5 * hi))) if T >= 8 * cfg.fs / hi else 1
+        y = x[: T // q * q].reshape(-1, q, S).mean(axis=1) if q > 1 else x
+        spec = np.fft.fft(y, axis=0)
+        f = np.abs(np.fft.fftfreq(y.shape[0], q / cfg.fs))
+        sel = spec[(f >= lo) & (f <= hi)] if y.shape[0] > 1 else spec
         if sel.shape[0] == 0:
             sel = spec
-        cov = sel.conj().T @ sel  # (S, S) Hermitian
-        _, vecs = np.linalg.eigh(cov)
-        basis = vecs[:, ::-1][:, :n]  # largest eigenvalues first
-        comps = x @ basis.astype(np.complex64)
+        cov = _gram(sel)  # (S, S) Hermitian: band-limited covariance
+        basis = top_subspace(cov, n)
+        comps = _rows_matmul(x, basis.astype(np.complex64))
     else:
         comps = x
     return band_filter(comps, cfg).astype(np.complex64, copy=False)
+
+
+_CHUNK = 128  # rows per product: 128 x 30 x 30 is far below OpenBLAS's threading threshold
+
+
+def _rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b computed in row chunks, so that BLAS never starts its thread pool for it."""
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    for i in range(0, a.shape[0], _CHUNK):
+        np.matmul(a[i : i + _CHUNK], b, out=out[i : i + _CHUNK])
+    return out
+
+
+def _gram(a: np.ndarray) -> np.ndarray:
+    """a^H a in row chunks (see _rows_matmul)."""
+    out = np.zeros((a.shape[1], a.shape[1]), np.result_type(a, np.complex64))
+    for i in range(0, a.shape[0], _CHUNK):
+        blk = a[i : i + _CHUNK]
+        out += blk.conj().T @ blk
+    return out
+
+
+def top_subspace(cov: np.ndarray, n: int, oversample: int = 4, iters: int = 4) -> np.ndarray:
+    """Orthonormal basis (S, n) of the dominant n-dimensional eigenspace of a Hermitian PSD matrix.
+
+    Block subspace iteration (block n + oversample, started from the strongest columns of cov^4)
+    with a Rayleigh-Ritz step. Only small products (S x S x b, far below OpenBLAS's threading
+    threshold), a QR of S x b and an eigh of b x b: a full eigh of the S x S matrix goes through
+    multithreaded OpenBLAS, which on a busy device costs tens of milliseconds of spinning threads.
+    """
+    S = cov.shape[0]
+    scale = float(np.abs(np.diagonal(cov)).max()) if S else 0.0
+    if not np.isfinite(scale) or scale <= 0:
+        return np.eye(S, n, dtype=np.complex128)
+    c = np.ascontiguousarray(cov / scale, dtype=np.complex128)
+    b = min(S, n + oversample)
+    p = c @ c
+    p = p @ p  # cov^4: the dominant directions stand out
+    col = (p.real**2 + p.imag**2).sum(axis=0)
+    v = np.linalg.qr(p[:, np.argsort(-col, kind="stable")[:b]])[0]
+    for _ in range(iters):
+        v = np.linalg.qr(c @ v)[0]
+    h = v.conj().T @ (c @ v)  # b x b Rayleigh quotient
+    _, u = np.linalg.eigh((h + h.conj().T) / 2)
+    return v @ u[:, ::-1][:, :n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +375,9 @@ def stft_power(comps: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np
     """Two-sided STFT power of components (T, n) summed over n: (freqs (F,), times (W,), power (F, W))."""
     T = comps.shape[0]
     L = cfg.nperseg
-    if T < L:  # a short capture: one segment, zero-padded
-        comps = np.concatenate([comps, np.zeros((L - T, comps.shape[1]), comps.dtype)])
+    if T < L:  # a short capture: one segment, zero-padded on both sides (centred under the window)
+        before = (L - T) // 2
+        comps = np.pad(comps, ((before, L - T - before), (0, 0)))
     W = cfg.image_size[1]
     starts = np.round(np.linspace(0, comps.shape[0] - L, W)).astype(np.int64)
     frames = comps[starts[:, None] + np.arange(L)[None, :]]  # (W, L, n)
@@ -291,7 +387,7 @@ def stft_power(comps: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np
     freqs = np.fft.fftshift(np.fft.fftfreq(cfg.nfft, 1.0 / cfg.fs))
     keep = np.abs(freqs) <= cfg.fmax + 1e-9
     power = np.fft.fftshift(power, axes=1)[:, keep].T  # (F, W), frequency ascending
-    times = (starts + min(L, max(T, 1)) / 2.0) / cfg.fs
+    times = (starts + L / 2.0) / cfg.fs if T >= L else np.full(W, (T - 1) / 2.0 / cfg.fs)
     return freqs[keep], times, power.astype(np.float64)
 
 

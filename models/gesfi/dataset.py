@@ -88,7 +88,12 @@ def _simulate_one(args: tuple) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _chunk(args: list[tuple]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    return [_simulate_one(a) for a in args]
+    # One BLAS thread: the matrices are tiny and idle BLAS threads spinning on a shared machine cost
+    # five times the work itself. threadpoolctl comes with scikit-learn (the train extra).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return [_simulate_one(a) for a in args]
 
 
 def build_dataset(

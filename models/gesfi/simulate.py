@@ -199,8 +199,8 @@ def make_scene(
     speed = us.speed * float(np.exp(rng.normal(0, 0.06)))
     scale = us.scale * float(np.exp(rng.normal(0, 0.06)))
     name = GESTURES[gesture]
-    duration = min(DURATION_S[name] / speed, cfg.duration_s - 0.2)
-    t0 = float(rng.uniform(0.1, cfg.duration_s - duration - 0.1))
+    duration = min(DURATION_S[name] / speed, cfg.duration_s - 0.25)  # the gesture fits the window
+    t0 = float(rng.uniform(0.1, max(0.1, cfg.duration_s - duration - 0.1)))
     return Scene(
         gesture=gesture,
         domain={"location": location, "orientation": orientation, "room": room, "user": user},

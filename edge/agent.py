@@ -1,0 +1,371 @@
+"""The edge agent: a three-stage pipeline (head compute -> encode+send -> receive) over a plan bundle.
+
+    agent = Agent("bundle/", AgentConfig(cloud="10.0.0.2:50051"))
+    for result in agent.run(open_source("inputs.npz", agent.inputs)):
+        print(result.to_json())
+
+Stage threads are joined by bounded queues, so in steady state sample i is computed while i-1 is
+on the wire and i-2 in the cloud; the slowest stage sets the pace and nothing piles up. Results
+come back in input order, exactly one per input: a request the cloud does not answer (stream
+broken, deadline passed) is computed locally with the full model, and a late answer is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from coach_runtime.errors import UserError
+from edge.adapt import CutCost, Decision, PlanLevel, decide
+from edge.bandwidth import BandwidthEstimator, Observation
+from edge.cloud_link import CloudLink, LinkConfig
+from edge.sample import Sample
+from edge.sessions import choose_providers, load_session
+from protos import codec
+from protos.bundle import Bundle, BundleError, load_bundle
+from protos.coach.v1 import coach_pb2 as pb
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass
+class AgentConfig:
+    cloud: str | None = None  # HOST:PORT; None runs everything on the edge
+    providers: list[str] | None = None  # e.g. ["cuda", "cpu"]; default: best available
+    threads: int = 1  # onnxruntime intra-op threads for the head
+    max_inflight: int = 3  # requests sent but not answered
+    deadline_ms: float = 5000.0  # past this an unanswered request is computed locally
+    bits: int | None = None  # fixed bit width (no adaptation)
+    cut: str | None = None  # fixed cut id (no cut switching)
+    compress: str | None = None  # lossless stage: "zstd" | "lz4"
+    connect_timeout_s: float = 5.0
+    offline_ok: bool = False  # start even if the cloud is unreachable (compute locally until it is up)
+    link: dict = field(default_factory=dict)  # extra LinkConfig fields: tls_ca, tls_cert, tls_key, token
+
+
+@dataclass
+class Result:
+    id: int
+    cls: int
+    score: float
+    where: str  # "cloud" | "edge" | "cache"
+    bits: int | None
+    cut: str
+    timing: dict[str, float]
+    label: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"id": self.id, "class": self.cls, "score": round(self.score, 6), "where": self.where,
+             "bits": self.bits, "cut": self.cut, "timing": {k: round(v, 3) for k, v in self.timing.items()}}
+        if self.label is not None:
+            d["label"] = self.label
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class _Item:
+    """One input on its way through the pipeline."""
+
+    seq: int
+    sample: Sample
+    t_capture: float
+    cut: str = ""
+    bits: int | None = None
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    head_ms: float = 0.0
+    encode_ms: float = 0.0
+    t_queued: float = 0.0
+    t_sent: float = 0.0
+    send_ns: int = 0
+    nbytes: int = 0
+
+
+def _top1(logits: np.ndarray) -> tuple[int, float]:
+    v = np.asarray(logits, np.float64).reshape(-1)
+    p = np.exp(v - v.max())
+    p /= p.sum()
+    i = int(np.argmax(p))
+    return i, float(p[i])
+
+
+class Agent:
+    def __init__(self, bundle: str | Path | Bundle, config: AgentConfig | None = None):
+        self.config = config or AgentConfig()
+        try:
+            self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        except BundleError as exc:
+            raise UserError(str(exc)) from None
+        b = self.bundle
+        self.inputs = b.inputs
+        self.providers = choose_providers(self.config.providers)
+        # Heads of every cut the plan may switch to, and the full model for edge-only and fallback.
+        self.heads = {cid: load_session(b.head_path(cid), self.providers, self.config.threads)
+                      for cid, c in b.cuts.items() if c.kind == "interior"}
+        self.full = load_session(b.full_path, self.providers, self.config.threads)
+        self.estimator = BandwidthEstimator()
+        self.cuts = {cid: CutCost.from_spec(c) for cid, c in b.cuts.items()}
+        self.levels = [PlanLevel(r.bandwidth_mbps, r.cut, r.bits) for r in b.plan_table]
+        self.decision = Decision(cut=self.config.cut or b.plan_table[0].cut, bits=self.config.bits or b.plan_table[0].bits,
+                                 reason="initial: the plan's lowest bandwidth level")
+        self.link: CloudLink | None = None
+        self.stats = {"cloud": 0, "edge": 0, "cache": 0, "fallback": 0, "late": 0, "bytes": 0, "reconnects": 0}
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Item] = {}
+        self._slots = threading.Semaphore(self.config.max_inflight)
+        self._results: queue.Queue = queue.Queue()
+        self._local: queue.Queue = queue.Queue()
+        self._next_id = 0
+
+    # ------------------------------------------------------------ connection
+
+    def connect(self) -> None:
+        """Probe the cloud, check it serves this plan, open the stream (or start reconnecting)."""
+        if self.config.cloud is None or self.link is not None:
+            return
+        import grpc
+
+        cfg = LinkConfig(target=self.config.cloud, **self.config.link)
+        self.link = CloudLink(cfg, self._on_response, self._on_broken)
+        try:
+            desc = self.link.describe(timeout_s=self.config.connect_timeout_s)
+        except grpc.RpcError as exc:
+            if not self.config.offline_ok:
+                self.link.close()
+                self.link = None
+                raise UserError(
+                    f"cloud {self.config.cloud} unreachable ({exc.code().name}: {exc.details()}); start "
+                    "`coach cloud serve` there, check --cloud, or pass --offline-ok to compute locally until it is up"
+                ) from None
+            log.warning("cloud %s unreachable; computing locally until it answers", self.config.cloud)
+            self.link.start(connected=False)
+            return
+        plans = {(x.model, x.plan_sha256) for x in desc.bundles}
+        if (self.bundle.model_name, self.bundle.plan_sha256) not in plans:
+            self.link.close()
+            self.link = None
+            have = ", ".join(f"{m}@{h[:12]}" for m, h in sorted(plans)) or "none"
+            raise UserError(f"cloud {self.config.cloud} has not loaded plan {self.bundle.model_name}@"
+                            f"{self.bundle.plan_sha256[:12]} (it has: {have}); serve the same bundle there")
+        self.link.start(connected=True)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.stats["reconnects"] = self.link.reconnects
+            self.link.close()
+            self.link = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ the pipeline
+
+    def run(self, samples: Iterable[Sample], rate_hz: float | None = None) -> Iterator[Result]:
+        """Results in input order, one per sample. `rate_hz` paces the inputs (default: as fast as possible)."""
+        self.connect()
+        to_send: queue.Queue = queue.Queue(maxsize=2)
+        state = {"count": None, "error": None}
+        stop = threading.Event()
+
+        def guarded(fn):
+            def body():
+                try:
+                    fn()
+                except BaseException as exc:  # surfaced in the caller's thread
+                    state["error"] = exc
+                    self._results.put(_DONE)
+            return body
+
+        def compute():
+            period = 1.0 / rate_hz if rate_hz else 0.0
+            t_next = time.perf_counter()
+            seq = -1
+            for seq, sample in enumerate(samples):
+                if stop.is_set():
+                    break
+                if period:
+                    delay = t_next - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    t_next = max(t_next + period, time.perf_counter() - period)
+                item = _Item(seq=seq, sample=sample, t_capture=time.perf_counter())
+                self._compute_head(item, to_send)
+            state["count"] = seq + 1
+            to_send.put(None)
+            self._results.put(None)  # wakes the collector to re-check the count
+
+        def send():
+            while (item := to_send.get()) is not None:
+                self._send(item)
+
+        def local():
+            while (item := self._local.get()) is not None:
+                self._results.put(self._run_locally(item, fallback=True))
+
+        threads = [threading.Thread(target=guarded(f), daemon=True, name=f"coach-edge-{f.__name__}")
+                   for f in (compute, send, local)]
+        watchdog = threading.Thread(target=guarded(lambda: self._watchdog(stop)), daemon=True)
+        for t in threads + [watchdog]:
+            t.start()
+        try:
+            yield from self._collect(state)
+        finally:
+            stop.set()
+            self._local.put(None)
+            for t in threads:
+                t.join(timeout=5)
+
+    def _collect(self, state) -> Iterator[Result]:
+        ready: dict[int, Result] = {}
+        nxt = 0
+        while state["count"] is None or nxt < state["count"]:
+            r = self._results.get()
+            if r is _DONE and state["error"] is not None:
+                raise state["error"]
+            if isinstance(r, tuple):
+                ready[r[0]] = r[1]
+            while nxt in ready:
+                yield ready.pop(nxt)
+                nxt += 1
+
+    def _compute_head(self, item: _Item, to_send: queue.Queue) -> None:
+        decision = self._decide()
+        cut = self.bundle.cuts[decision.cut]
+        item.cut, item.bits = cut.id, decision.bits
+        if cut.kind == "edge-only" or self.link is None or not self.link.up:
+            self._results.put(self._run_locally(item, fallback=cut.kind != "edge-only"))
+            return
+        t0 = time.perf_counter()
+        if cut.kind == "cloud-only":
+            item.tensors = {k: v for k, v in item.sample.inputs.items()}
+        else:
+            names = [t.name for t in cut.tensors]
+            outs = self.heads[cut.id].run(names, item.sample.inputs)
+            item.tensors = dict(zip(names, outs))
+        item.head_ms = (time.perf_counter() - t0) * 1e3
+        self.cuts[cut.id] = self.cuts[cut.id].observe_edge(item.head_ms)
+        item.t_queued = time.perf_counter()
+        to_send.put(item)
+
+    def _send(self, item: _Item) -> None:
+        self._slots.acquire()
+        if self.config.bits is None:  # the freshest estimate decides the bits of this very request
+            d = self._decide(cut=item.cut)
+            if d.cut == item.cut:
+                item.bits = d.bits
+        cut = self.bundle.cuts[item.cut]
+        t0 = time.perf_counter()
+        tensors = [codec.encode(item.tensors[t.name], item.bits, axis=t.quant_axis if item.bits <= 8 else None,
+                                compress=self.config.compress, name=t.name) for t in cut.tensors]
+        with self._lock:
+            req_id = self._next_id
+            self._next_id += 1
+        req = pb.InferRequest(request_id=req_id, model=self.bundle.model_name, plan_sha256=self.bundle.plan_sha256,
+                              cut_id=item.cut, tensors=tensors)
+        item.encode_ms = (time.perf_counter() - t0) * 1e3
+        item.nbytes = req.ByteSize()
+        req.edge_timing.head_ms = item.head_ms
+        req.edge_timing.encode_ms = item.encode_ms
+        req.edge_timing.queue_ms = (t0 - item.t_queued) * 1e3
+        req.edge_timing.send_unix_ns = item.send_ns = time.time_ns()
+        item.t_sent = time.perf_counter()
+        with self._lock:
+            self._pending[req_id] = item
+        if not (self.link is not None and self.link.send(req)):
+            taken = self._take(req_id)
+            if taken is not None:
+                self._local.put(taken)
+
+    def _take(self, req_id: int) -> _Item | None:
+        """Remove a pending request exactly once (response, deadline and broken link race for it)."""
+        with self._lock:
+            item = self._pending.pop(req_id, None)
+        if item is not None:
+            self._slots.release()
+        return item
+
+    def _on_response(self, resp: pb.InferResponse) -> None:
+        t_recv = time.perf_counter()
+        item = self._take(resp.request_id)
+        if item is None:
+            self.stats["late"] += 1  # already computed locally
+            return
+        if resp.error.code:
+            log.warning("cloud refused request %d: %s; computing it locally", resp.request_id, resp.error.message)
+            self._local.put(item)
+            return
+        st = resp.timing
+        server_ms = st.queue_ms + st.decode_ms + st.compute_ms
+        rtt_ms = (t_recv - item.t_sent) * 1e3
+        wire_ms = max(rtt_ms - server_ms, 0.0)
+        self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns, nbytes=st.bytes_received))
+        self.cuts[item.cut] = self.cuts[item.cut].observe_cloud(st.decode_ms + st.compute_ms)
+        top = resp.topk[0] if resp.topk else pb.ClassScore(index=-1, score=0.0)
+        timing = {"edge_ms": item.head_ms, "encode_ms": item.encode_ms, "wire_ms": wire_ms,
+                  "cloud_ms": st.decode_ms + st.compute_ms,
+                  "queue_ms": (item.t_sent - item.t_queued) * 1e3 + st.queue_ms,
+                  "total_ms": (t_recv - item.t_capture) * 1e3}
+        with self._lock:
+            self.stats["cloud"] += 1
+            self.stats["bytes"] += item.nbytes
+        self._results.put((item.seq, Result(id=item.sample.id, cls=top.index, score=top.score, where="cloud",
+                                            bits=item.bits, cut=item.cut, timing=timing, label=item.sample.label)))
+
+    def _on_broken(self) -> None:
+        with self._lock:
+            ids = list(self._pending)
+        for i in ids:
+            item = self._take(i)
+            if item is not None:
+                self._local.put(item)
+
+    def _watchdog(self, stop: threading.Event) -> None:
+        limit = self.config.deadline_ms / 1e3
+        while not stop.wait(0.05):
+            now = time.perf_counter()
+            with self._lock:
+                late = [i for i, it in self._pending.items() if now - it.t_sent > limit]
+            for i in late:
+                item = self._take(i)
+                if item is not None:
+                    log.warning("request %d passed its %.0f ms deadline; computing it locally", i, self.config.deadline_ms)
+                    self._local.put(item)
+
+    def _run_locally(self, item: _Item, fallback: bool) -> tuple[int, Result]:
+        t0 = time.perf_counter()
+        out = self.full.run(None, item.sample.inputs)[0]
+        cls, score = _top1(out)
+        edge_ms = (time.perf_counter() - t0) * 1e3 + item.head_ms
+        with self._lock:
+            self.stats["fallback" if fallback else "edge"] += 1
+        timing = {"edge_ms": edge_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,
+                  "total_ms": (time.perf_counter() - item.t_capture) * 1e3}
+        return item.seq, Result(id=item.sample.id, cls=cls, score=score, where="edge", bits=None,
+                                cut=item.cut if not fallback else f"{item.cut}>local", timing=timing,
+                                label=item.sample.label)
+
+    # ------------------------------------------------------------ adaptation
+
+    def _decide(self, cut: str | None = None) -> Decision:
+        if self.config.cut and self.config.bits:
+            return self.decision
+        est = self.estimator.estimate_mbps()
+        if est is None:
+            return self.decision
+        d = decide(est, self.cuts, self.levels, current=cut or self.decision.cut,
+                   fixed_cut=self.config.cut, fixed_bits=self.config.bits, previous=self.decision)
+        self.decision = d
+        return d

@@ -1,0 +1,146 @@
+"""Online half of the semantic cache: answer early from label semantic centers, or send fewer bits.
+
+Per input, the pooled cut feature (protos.semantic.pool) is compared with the class centers:
+  margin >= hit threshold           -> "hit": answer from the cache, send nothing
+  band threshold <= margin < hit    -> "band": send with the band's (lower) bits
+  otherwise                         -> "full": send at the adaptive bits
+Context for streams: the feature is smoothed over consecutive inputs (EMA), and when a feature
+barely moves from the previous one the previous answer is reused. Centers follow the cloud's
+answers (momentum). A fraction of hits is still sent to the cloud to verify them; when the verified
+precision falls below target the hit threshold tightens, and it relaxes slowly when above.
+All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from protos.semantic import margins, normalize, pool
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    hit: float  # calibrated hit threshold on the margin
+    band: float  # band threshold (== hit: no band)
+    band_bits: int | None
+    target_precision: float = 0.99
+    smoothing: float = 0.0  # EMA weight of the previous smoothed feature (0: off)
+    reuse_similarity: float | None = None  # reuse the last answer when cos(f, f_prev) >= this (None: off)
+    momentum: float | None = 0.99  # center update weight of the old center (None: no online update)
+    verify_fraction: float = 0.1  # share of hits also sent to the cloud
+    window: int = 50  # verified hits over which precision is measured
+    tighten_step: float = 0.02  # threshold raise when precision is below target
+    relax_step: float = 0.002  # threshold decrease when precision is above target
+    max_hit: float = 2.0  # margins lie in [0, 2]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheDecision:
+    outcome: str  # "hit" | "band" | "full"
+    cls: int
+    margin: float
+    verify: bool = False  # a hit that is also sent to the cloud
+    reused: bool = False  # answered from temporal context
+
+
+class SemanticCache:
+    def __init__(self, centers: np.ndarray, valid: np.ndarray, config: CacheConfig):
+        self.centers = np.array(centers, np.float32)
+        self.valid = np.array(valid, bool)
+        self.config = config
+        self.hit = config.hit
+        self._floor = config.hit  # relaxing never goes below the calibrated threshold
+        self._lock = threading.Lock()
+        self._rng = random.Random(config.seed)
+        self._smoothed: np.ndarray | None = None
+        self._last: tuple[np.ndarray, int] | None = None  # (feature, answer) of the previous input
+        self._verified: deque[bool] = deque(maxlen=config.window)
+        self.counts = {"hit": 0, "band": 0, "full": 0, "reused": 0, "verified": 0, "verified_ok": 0}
+        self.bytes_saved = 0
+        self.history: list[tuple[int, float, float | None]] = []  # (inputs seen, hit threshold, precision)
+
+    # ------------------------------------------------------------ decisions
+
+    def feature(self, tensors: list[np.ndarray]) -> np.ndarray:
+        return pool(tensors)[0]
+
+    def decide(self, feature: np.ndarray) -> CacheDecision:
+        c = self.config
+        with self._lock:
+            f = feature
+            if c.smoothing and self._smoothed is not None:
+                f = normalize(c.smoothing * self._smoothed + (1 - c.smoothing) * feature)
+            self._smoothed = f
+            if c.reuse_similarity is not None and self._last is not None:
+                prev, answer = self._last
+                if float(prev @ feature) >= c.reuse_similarity:
+                    self._last = (feature, answer)
+                    self.counts["hit"] += 1
+                    self.counts["reused"] += 1
+                    return CacheDecision("hit", answer, float("nan"), verify=self._verify_draw(), reused=True)
+            cls, margin, _ = margins(f[None], self.centers, self.valid)
+            cls, margin = int(cls[0]), float(margin[0])
+            if margin >= self.hit:
+                outcome = "hit"
+            elif c.band_bits is not None and margin >= c.band:
+                outcome = "band"
+            else:
+                outcome = "full"
+            self.counts[outcome] += 1
+            if outcome == "hit":
+                self._last = (feature, cls)
+                return CacheDecision("hit", cls, margin, verify=self._verify_draw())
+            self._last = None  # the answer comes later, from the cloud
+            return CacheDecision(outcome, cls, margin)
+
+    def _verify_draw(self) -> bool:
+        return self._rng.random() < self.config.verify_fraction
+
+    # ------------------------------------------------------------ feedback from the cloud
+
+    def observe(self, feature: np.ndarray, cloud_cls: int, decision: CacheDecision | None) -> None:
+        """The cloud's answer for an input: update the center, the context and (for verified hits) precision."""
+        c = self.config
+        with self._lock:
+            if c.momentum is not None and 0 <= cloud_cls < len(self.centers):
+                old = self.centers[cloud_cls] if self.valid[cloud_cls] else feature
+                self.centers[cloud_cls] = normalize(c.momentum * old + (1 - c.momentum) * feature)
+                self.valid[cloud_cls] = True
+            if decision is not None and decision.outcome != "hit":
+                self._last = (feature, cloud_cls)
+            if decision is not None and decision.verify:
+                ok = decision.cls == cloud_cls
+                self._verified.append(ok)
+                self.counts["verified"] += 1
+                self.counts["verified_ok"] += int(ok)
+                self._adjust()
+
+    def _adjust(self) -> None:
+        c = self.config
+        if len(self._verified) < min(10, c.window):
+            return
+        prec = sum(self._verified) / len(self._verified)
+        if prec < c.target_precision:
+            self.hit = min(c.max_hit, self.hit + c.tighten_step)
+            self._verified.clear()  # judge the new threshold on fresh evidence
+        else:
+            self.hit = max(self._floor, self.hit - c.relax_step)
+        self.history.append((sum(self.counts[k] for k in ("hit", "band", "full")), self.hit, prec))
+
+    def add_saved(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_saved += nbytes
+
+    def telemetry(self) -> dict:
+        with self._lock:
+            seen = sum(self.counts[k] for k in ("hit", "band", "full"))
+            v = self.counts["verified"]
+            return {"hit_rate": self.counts["hit"] / seen if seen else 0.0,
+                    "verified_precision": self.counts["verified_ok"] / v if v else None,
+                    "hit_threshold": self.hit, "bytes_saved": self.bytes_saved, **self.counts}

@@ -1,0 +1,279 @@
+"""Training by one loop: ERM, DANN (physical domain labels) and GesFi (mined latent domains).
+
+    erm    cross-entropy on the gestures only.
+    dann   + a domain discriminator behind gradient reversal on the classifier's feature, fed the
+           physical domain labels (the values of `domain_factor`): the feature learns to not tell
+           them apart.
+    gesfi  the same alignment, but on latent domains that GesFi finds by itself:
+           1. a separate domain encoder learns a domain feature z: a decoder must rebuild the image
+              from (z, gesture label), so z keeps how the domain renders the gesture, while a
+              gesture discriminator behind gradient reversal strips the gesture from z
+              (class-wise adversarial learning);
+           2. z is standardised and clustered with k-means into K latent domains; K is the one of
+              2..k_max with the best silhouette score (or fixed by the caller);
+           3. the classifier is trained with the latent domains as the discriminator's labels.
+The adversarial weight ramps up as in DANN: lam(p) = adv_weight * (2 / (1 + exp(-10 p)) - 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.gesfi.dataset import GesFiData, holdout_split
+from models.gesfi.net import Decoder, Discriminator, Features, GesFiNet, grad_reverse
+from models.gesfi.simulate import FACTORS
+
+log = logging.getLogger(__name__)
+
+METHODS = ("erm", "dann", "gesfi")
+# on_progress(stage, done, total, info): stage is "mine" (GesFi step 1) or "train"; one call per epoch.
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "gesfi"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    width: int = 16  # channels of the first conv block
+    feat_dim: int = 128
+    adv_weight: float = 0.5  # max gradient-reversal coefficient of the domain adversary
+    domain_factor: str = "location"  # DANN's physical domain labels
+    mine_epochs: int = 20  # GesFi step 1
+    domain_dim: int = 16  # size of GesFi's domain feature z
+    mine_adv_weight: float = 1.0  # gesture adversary on z
+    k: int = 0  # latent domains; 0 = choose by silhouette over 2..k_max
+    k_max: int = 8
+    val_frac: float = 0.15  # held out of the training domains for in-domain accuracy
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.domain_factor not in FACTORS:
+            raise ValueError(f"domain_factor must be one of {FACTORS}, got {self.domain_factor!r}")
+        if self.epochs < 1 or self.batch_size < 2 or self.k < 0 or self.k == 1 or self.k_max < 2:
+            raise ValueError(f"bad epochs/batch_size/k/k_max in {self}")
+
+
+@dataclass
+class LatentDomains:
+    labels: np.ndarray  # (N_train,) latent domain per training sample
+    k: int
+    silhouette: dict[int, float]  # K -> silhouette score (the selection table)
+    z: np.ndarray  # (N_train, domain_dim) standardised domain features
+    diagnostics: dict = field(default_factory=dict)  # NMI with gestures and physical factors
+
+
+@dataclass
+class TrainResult:
+    model: GesFiNet
+    config: TrainConfig
+    train_idx: np.ndarray  # indices (into the data given) the model was fitted on
+    val_idx: np.ndarray  # held-out indices from the same domains (in-domain accuracy)
+    val_acc: float
+    history: list[dict]
+    latent: LatentDomains | None
+    seconds: float
+
+
+def adv_lambda(p: float, weight: float) -> float:
+    return weight * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
+
+
+def _batches(n: int, bs: int, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(n)
+    nb = max(1, n // bs)  # drop the ragged last batch (batch norm dislikes batches of 1)
+    return [perm[i * bs : (i + 1) * bs] if i < nb - 1 else perm[i * bs :] for i in range(nb)]
+
+
+def _make_model(data: GesFiData, cfg: TrainConfig) -> GesFiNet:
+    c, h, w = data.x.shape[1:]
+    return GesFiNet(data.n_classes, c, cfg.width, cfg.feat_dim, (h, w))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Logits (N, n_classes) of a model on images x (N, C, H, W)."""
+    model.eval()
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch]))).numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    return float((predict(model, x).argmax(1) == y).mean()) if len(y) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# GesFi step 1-2: latent domain mining
+
+
+def learn_domain_feature(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
+                         on_progress: Progress | None = None) -> np.ndarray:
+    """Train the domain encoder (reconstruction given the gesture + gesture adversary); return z (N, d)."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    c, h, w = x.shape[1:]
+    enc = nn.Sequential(Features(c, max(8, cfg.width // 2), 64, (h, w)), nn.Linear(64, cfg.domain_dim))
+    gdisc = Discriminator(cfg.domain_dim, n_classes)
+    dec = Decoder(cfg.domain_dim, n_classes, (c, h // 2, w // 2))
+    params = [*enc.parameters(), *gdisc.parameters(), *dec.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    target = F.avg_pool2d(xt, 2)
+    onehot = F.one_hot(yt, n_classes).float()
+    steps = cfg.mine_epochs * max(1, len(x) // cfg.batch_size)
+    step = 0
+    for ep in range(cfg.mine_epochs):
+        enc.train(), gdisc.train(), dec.train()
+        tot_rec = tot_acc = 0.0
+        nb = 0
+        for b in _batches(len(x), cfg.batch_size, rng):
+            lam = adv_lambda(step / steps, cfg.mine_adv_weight)
+            z = enc(xt[b])
+            rec = F.mse_loss(dec(z, onehot[b]), target[b]) * 100.0  # ~ per-pixel error in %^2 / 100
+            g_logits = gdisc(grad_reverse(z, lam))
+            loss = rec + F.cross_entropy(g_logits, yt[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_rec += float(rec)
+            tot_acc += float((g_logits.argmax(1) == yt[b]).float().mean())
+            nb += 1
+            step += 1
+        if on_progress:
+            on_progress("mine", ep + 1, cfg.mine_epochs, {"rec": tot_rec / nb, "gesture_acc_on_z": tot_acc / nb})
+    enc.eval()
+    with torch.no_grad():
+        z = torch.cat([enc(xt[i : i + 512]) for i in range(0, len(x), 512)]).numpy()
+    return z
+
+
+def cluster_domains(z: np.ndarray, k: int, k_max: int, seed: int) -> tuple[np.ndarray, int, dict[int, float]]:
+    """k-means on standardised z. k=0: pick K in 2..k_max with the best silhouette score."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    zs = (z - z.mean(0)) / (z.std(0) + 1e-8)
+    ks = [k] if k else list(range(2, max(2, min(k_max, len(z) - 1)) + 1))
+    table: dict[int, float] = {}
+    fits: dict[int, np.ndarray] = {}
+    for kk in ks:
+        labels = KMeans(n_clusters=kk, n_init=4, random_state=seed).fit_predict(zs)
+        fits[kk] = labels
+        n_s = min(2000, len(zs))
+        table[kk] = float(silhouette_score(zs, labels, sample_size=n_s, random_state=seed)) if kk > 1 else 0.0
+    best = k if k else max(table, key=lambda kk: table[kk])
+    return fits[best], best, table
+
+
+def mine_latent_domains(data: GesFiData, idx: np.ndarray, cfg: TrainConfig,
+                        on_progress: Progress | None = None) -> LatentDomains:
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    z = learn_domain_feature(data.x[idx], data.y[idx], data.n_classes, cfg, on_progress)
+    labels, k, table = cluster_domains(z, cfg.k, cfg.k_max, cfg.seed)
+    diag = {"nmi_gesture": float(nmi(data.y[idx], labels))}
+    diag.update({f"nmi_{f}": float(nmi(data.domains[f][idx], labels)) for f in FACTORS})
+    zs = (z - z.mean(0)) / (z.std(0) + 1e-8)
+    return LatentDomains(labels=labels, k=k, silhouette=table, z=zs, diagnostics=diag)
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier (all methods)
+
+
+def fit_classifier(x: np.ndarray, y: np.ndarray, domains: np.ndarray | None, model: GesFiNet,
+                   cfg: TrainConfig, on_progress: Progress | None = None) -> list[dict]:
+    """Cross-entropy, plus a domain adversary on the feature when `domains` is given. Returns history."""
+    rng = np.random.default_rng(cfg.seed + 2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    disc = None
+    params = list(model.parameters())
+    if domains is not None:
+        n_dom = int(domains.max()) + 1
+        disc = Discriminator(cfg.feat_dim, n_dom)
+        params += list(disc.parameters())
+        dt = torch.from_numpy(domains.astype(np.int64))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(x) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    history = []
+    step = 0
+    for ep in range(cfg.epochs):
+        model.train()
+        if disc is not None:
+            disc.train()
+        s_loss = s_acc = s_dacc = 0.0
+        nb = 0
+        for b in _batches(len(x), cfg.batch_size, rng):
+            feats = model.features(xt[b])
+            logits = model.classifier(feats)
+            loss = F.cross_entropy(logits, yt[b])
+            if disc is not None:
+                lam = adv_lambda(step / total, cfg.adv_weight)
+                d_logits = disc(grad_reverse(feats, lam))
+                loss = loss + F.cross_entropy(d_logits, dt[b])
+                s_dacc += float((d_logits.argmax(1) == dt[b]).float().mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            s_loss += float(loss)
+            s_acc += float((logits.argmax(1) == yt[b]).float().mean())
+            nb += 1
+            step += 1
+        rec = {"epoch": ep + 1, "loss": s_loss / nb, "train_acc": s_acc / nb}
+        if disc is not None:
+            rec["domain_acc"] = s_dacc / nb
+        history.append(rec)
+        if on_progress:
+            on_progress("train", ep + 1, cfg.epochs, rec)
+    model.eval()
+    return history
+
+
+def train(data: GesFiData, idx: np.ndarray | None, cfg: TrainConfig,
+          on_progress: Progress | None = None) -> TrainResult:
+    """Train cfg.method on data[idx] (all when None); val_frac of it is held out for in-domain accuracy."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    idx = np.arange(len(data)) if idx is None else np.asarray(idx)
+    if cfg.val_frac > 0:
+        tr, va = holdout_split(idx, data.y, cfg.val_frac, cfg.seed)
+    else:
+        tr, va = idx, idx[:0]
+    model = _make_model(data, cfg)
+    latent = None
+    domains = None
+    if cfg.method == "dann":
+        domains = _dense(data.domains[cfg.domain_factor][tr])
+    elif cfg.method == "gesfi":
+        latent = mine_latent_domains(data, tr, cfg, on_progress)
+        domains = latent.labels
+        log.info("latent domains: K=%d silhouette=%s %s", latent.k, latent.silhouette, latent.diagnostics)
+    history = fit_classifier(data.x[tr], data.y[tr], domains, model, cfg, on_progress)
+    val_acc = accuracy(model, data.x[va], data.y[va])
+    return TrainResult(model, cfg, tr, va, val_acc, history, latent, time.perf_counter() - t0)
+
+
+def _dense(labels: np.ndarray) -> np.ndarray:
+    """Relabel to 0..n-1 (a held-out domain leaves a gap)."""
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

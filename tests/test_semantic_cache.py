@@ -1,0 +1,126 @@
+"""Semantic cache: centers, calibrated thresholds (offline) and the online decisions and feedback."""
+
+import threading
+
+import numpy as np
+
+from edge.semantic_cache import CacheConfig, SemanticCache
+from partitioner.semantic_cache import build_centers, calibrate, hit_threshold, split_held_out
+from protos.semantic import margins, normalize, pool
+
+
+def clusters(n, k=5, d=16, spread=0.6, seed=0, shift=None, means_seed=None):
+    rng = np.random.default_rng(seed)
+    means = normalize(np.random.default_rng(seed if means_seed is None else means_seed).standard_normal((k, d)))
+    y = rng.integers(0, k, n)
+    x = means[y] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
+    if shift is not None:
+        x = x + shift
+    return normalize(x).astype(np.float32), y
+
+
+def test_pool_averages_spatial_axes_and_normalises():
+    t = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    f = pool([t, np.ones((2, 5), np.float32)])
+    assert f.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1, rtol=1e-6)
+    expect = np.concatenate([t.mean(axis=(2, 3)), np.ones((2, 5))], axis=1)
+    np.testing.assert_allclose(f, normalize(expect), rtol=1e-5)
+
+
+def test_hit_threshold_meets_target_on_fresh_data():
+    x, y = clusters(4000, spread=1.2)
+    build, held = split_held_out(len(y))
+    c = build_centers(x[build], y[build], y[build], 5)
+    th = calibrate(x[held], y[held], c, target_precision=0.99)
+    assert 0 < th.hit_rate < 1 and th.precision >= 0.99
+    # Same classes, a new draw of inputs: the calibrated threshold holds its precision (within noise).
+    xt, yt = clusters(4000, spread=1.2, seed=1, means_seed=0)
+    cls, m, _ = margins(xt, c.centers, c.valid)
+    hits = m >= th.hit
+    assert hits.mean() > 0.1
+    assert (cls[hits] == yt[hits]).mean() >= 0.98
+
+
+def test_hit_threshold_is_infinite_when_target_unreachable():
+    m = np.linspace(0, 1, 100)
+    correct = np.zeros(100, bool)
+    t, prec, rate = hit_threshold(m, correct, 0.99)
+    assert t == np.inf and rate == 0
+
+
+def test_centers_use_only_correct_answers():
+    x = normalize(np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], np.float32))
+    answers = np.array([0, 0, 1, 1])
+    labels = np.array([0, 1, 1, 1])  # the second sample is wrong: excluded from center 0
+    c = build_centers(x, answers, labels, 3)
+    np.testing.assert_allclose(c.centers[0], x[0], rtol=1e-6)
+    assert c.valid.tolist() == [True, True, False]
+
+
+def test_band_lowers_bits_only_within_budget():
+    x, y = clusters(2000, spread=1.5, seed=3)
+    build, held = split_held_out(len(y))
+    c = build_centers(x[build], y[build], y[build], 5)
+    _, m, _ = margins(x[held], c.centers, c.valid)
+    rng = np.random.default_rng(0)
+    normal = np.ones(len(held), bool)
+    at2 = m > 0.3  # 2 bits breaks every low-margin answer
+    at4 = rng.random(len(held)) > 0.002
+    th = calibrate(x[held], y[held], c, 0.99, agree_at_bits={2: at2, 4: at4}, normal_agree=normal, budget_points=0.5)
+    assert th.band_bits in (2, 4) and th.band_drop <= 0.5
+    assert th.band <= th.hit
+
+
+def test_online_precision_tracking_tightens_under_drift():
+    x, y = clusters(3000, spread=1.0)
+    c = build_centers(x, y, y, 5)
+    th = calibrate(x, y, c, 0.99)
+    cache = SemanticCache(c.centers, c.valid, CacheConfig(hit=th.hit, band=th.hit, band_bits=None,
+                                                          verify_fraction=1.0, momentum=None, window=20))
+    # An unseen domain: the features of class k now sit where class k+1's center is.
+    xd, yd = clusters(3000, spread=1.0)
+    xd = normalize(np.roll(c.centers, -1, axis=0)[yd] + 0.3 * (xd - c.centers[yd]))
+    start = cache.hit
+    for f, label in zip(xd, yd):
+        d = cache.decide(f)
+        cache.observe(f, int(label), d)
+    assert cache.hit > start  # tightened
+    late = cache.history[-5:]
+    assert all(t >= start for _, t, _ in late)
+
+
+def test_online_update_moves_centers_and_is_thread_safe():
+    x, y = clusters(500)
+    c = build_centers(x, y, y, 5)
+    cache = SemanticCache(c.centers, c.valid, CacheConfig(hit=0.2, band=0.1, band_bits=4, momentum=0.9))
+    before = cache.centers.copy()
+
+    def worker(seed):
+        xs, ys = clusters(300, seed=seed)
+        for f, label in zip(xs, ys):
+            d = cache.decide(f)
+            cache.observe(f, int(label), d)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not np.allclose(before, cache.centers)
+    np.testing.assert_allclose(np.linalg.norm(cache.centers, axis=1), 1, rtol=1e-5)
+    tel = cache.telemetry()
+    assert tel["hit"] + tel["band"] + tel["full"] == 900
+
+
+def test_temporal_reuse_answers_repeated_features():
+    x, y = clusters(100)
+    c = build_centers(x, y, y, 5)
+    cache = SemanticCache(c.centers, c.valid, CacheConfig(hit=5.0, band=5.0, band_bits=None, reuse_similarity=0.999))
+    d1 = cache.decide(x[0])
+    assert d1.outcome == "full"
+    cache.observe(x[0], 3, d1)
+    d2 = cache.decide(x[0])  # the same window again: the previous answer is reused
+    assert d2.outcome == "hit" and d2.reused and d2.cls == 3
+    d3 = cache.decide(-x[0])
+    assert d3.outcome == "full"
