@@ -72,7 +72,8 @@ def run(args) -> int:
             continue
         prof, bundle = work / f"{name}.profile.json", work / f"{name}.bundle"
         t0 = time.perf_counter()
-        rc = main(["profile", str(path), "--out", str(prof), "--runs", args.runs, "--device-name", "planning-host"])
+        rc = main(["profile", str(path), "--out", str(prof), "--runs", args.runs,
+                   "--device-name", "planning-host"])
         t1 = time.perf_counter()
         calib = _calibration(path, work / f"{name}.calib.npz", int(args.samples))
         rc = rc or main(["plan", str(path), "--out", str(bundle), "--force", "--edge-profile", str(prof),
@@ -102,7 +103,8 @@ def run(args) -> int:
             "prediction_check": [
                 {"cut": c["id"], "predicted_head_ms": c["predicted"]["edge_ms"] / float(args.edge_slowdown),
                  "measured_head_ms": c["validation"].get("head_ms"),
-                 "predicted_tail_ms": c["predicted"]["cloud_ms"], "measured_tail_ms": c["validation"].get("tail_ms")}
+                 "predicted_tail_ms": c["predicted"]["cloud_ms"],
+                 "measured_tail_ms": c["validation"].get("tail_ms")}
                 for c in doc["cuts"]],
             "levels": rows,
         }

@@ -12,6 +12,7 @@ broken, deadline passed) is computed locally with the full model, and a late ans
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -23,10 +24,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import CutCost, Decision, PlanLevel, decide
+from edge.adapt import AdaptiveQuantizer, CutProfile, Decision
+from edge.adapt import PlanRow as AdaptRow
 from edge.bandwidth import BandwidthEstimator, Observation
 from edge.cloud_link import CloudLink, LinkConfig
 from edge.sample import Sample
+from edge.semantic_cache import CacheConfig, CacheDecision, SemanticCache
 from edge.sessions import choose_providers, load_session
 from protos import codec
 from protos.bundle import Bundle, BundleError, load_bundle
@@ -49,6 +52,11 @@ class AgentConfig:
     connect_timeout_s: float = 5.0
     offline_ok: bool = False  # start even if the cloud is unreachable (compute locally until it is up)
     link: dict = field(default_factory=dict)  # extra LinkConfig fields: tls_ca, tls_cert, tls_key, token
+    cache: bool = True  # the semantic cache, where the bundle has one
+    cache_context: bool = True  # temporal smoothing and reuse of the last answer (streams)
+    cache_update: bool = True  # move the centers with the cloud's answers
+    cache_band: bool = True  # fewer bits in the margin band
+    cache_verify: float = 0.1  # share of cache hits still sent to the cloud to check them
 
 
 @dataclass
@@ -89,6 +97,9 @@ class _Item:
     t_sent: float = 0.0
     send_ns: int = 0
     nbytes: int = 0
+    feature: np.ndarray | None = None  # pooled cut feature, when the cut has a semantic cache
+    cache: CacheDecision | None = None
+    verify_only: bool = False  # a cache hit sent only to check it: its answer is no result
 
 
 def _top1(logits: np.ndarray) -> tuple[int, float]:
@@ -114,10 +125,8 @@ class Agent:
                       for cid, c in b.cuts.items() if c.kind == "interior"}
         self.full = load_session(b.full_path, self.providers, self.config.threads)
         self.estimator = BandwidthEstimator()
-        self.cuts = {cid: CutCost.from_spec(c) for cid, c in b.cuts.items()}
-        self.levels = [PlanLevel(r.bandwidth_mbps, r.cut, r.bits) for r in b.plan_table]
-        self.decision = Decision(cut=self.config.cut or b.plan_table[0].cut, bits=self.config.bits or b.plan_table[0].bits,
-                                 reason="initial: the plan's lowest bandwidth level")
+        self.quantizer = self._make_quantizer()
+        self.caches = self._make_caches() if self.config.cache else {}
         self.link: CloudLink | None = None
         self.stats = {"cloud": 0, "edge": 0, "cache": 0, "fallback": 0, "late": 0, "bytes": 0, "reconnects": 0}
         self._lock = threading.Lock()
@@ -126,6 +135,69 @@ class Agent:
         self._results: queue.Queue = queue.Queue()
         self._local: queue.Queue = queue.Queue()
         self._next_id = 0
+
+    def _make_quantizer(self) -> AdaptiveQuantizer:
+        """Adaptive bits (and cut switching) over the plan's cuts; --cut/--bits pin either."""
+        b, cfg = self.bundle, self.config
+        profiles = []
+        for cid, c in b.cuts.items():
+            if c.kind == "edge-only":  # nothing crosses the link
+                sizes = {cfg.bits or 32: 0}
+            elif cfg.bits is not None:
+                sizes = {cfg.bits: c.bytes_at(cfg.bits)}
+            else:
+                sizes = {q.bits: q.bytes for q in c.quantization if q.admissible}
+            profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes))
+        rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in b.plan_table]
+        if cfg.cut:
+            profiles = [p for p in profiles if p.cut_id == cfg.cut]
+        return AdaptiveQuantizer(profiles, rows)
+
+    def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None) -> None:
+        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality."""
+        p = self.quantizer.cuts.get(cut_id)
+        if p is None:
+            return
+        a = 0.2
+        if edge_ms is not None:
+            p = dataclasses.replace(p, edge_ms=(1 - a) * p.edge_ms + a * edge_ms)
+        if cloud_ms is not None:
+            p = dataclasses.replace(p, cloud_ms=(1 - a) * p.cloud_ms + a * cloud_ms)
+        self.quantizer.cuts[cut_id] = p
+
+    @property
+    def decision(self) -> Decision:
+        return self.quantizer.update(None)
+
+    def _make_caches(self) -> dict[str, SemanticCache]:
+        caches = {}
+        cfg = self.config
+        for cid, cut in self.bundle.cuts.items():
+            spec = self.bundle.cache_for(cid) if cut.kind == "interior" else None
+            if spec is None or (spec.hit is None and spec.band is None):
+                continue
+            band_bits = spec.band_bits if cfg.cache_band else None
+            caches[cid] = SemanticCache(spec.centers, spec.valid, CacheConfig(
+                hit=float("inf") if spec.hit is None else spec.hit,
+                band=float("inf") if spec.band is None else spec.band, band_bits=band_bits,
+                target_precision=spec.target_precision,
+                smoothing=0.5 if cfg.cache_context else 0.0,
+                reuse_similarity=0.995 if cfg.cache_context else None,
+                momentum=0.99 if cfg.cache_update else None, verify_fraction=cfg.cache_verify))
+        return caches
+
+    def cache_telemetry(self) -> dict:
+        """Hit rate, verified precision, bytes saved, summed over the cuts' caches."""
+        tel = [c.telemetry() for c in self.caches.values()]
+        if not tel:
+            return {}
+        hits = sum(t["hit"] for t in tel)
+        seen = sum(t["hit"] + t["band"] + t["full"] for t in tel)
+        ver = sum(t["verified"] for t in tel)
+        return {"hit_rate": hits / seen if seen else 0.0, "hits": hits, "band": sum(t["band"] for t in tel),
+                "verified": ver, "verified_precision": sum(t["verified_ok"] for t in tel) / ver if ver else None,
+                "bytes_saved": sum(t["bytes_saved"] for t in tel),
+                "hit_threshold": {cid: c.hit for cid, c in self.caches.items()}}
 
     # ------------------------------------------------------------ connection
 
@@ -213,7 +285,8 @@ class Agent:
 
         def local():
             while (item := self._local.get()) is not None:
-                self._results.put(self._run_locally(item, fallback=True))
+                if not item.verify_only:  # a verification is dropped: its answer came from the cache
+                    self._results.put(self._run_locally(item, fallback=True))
 
         threads = [threading.Thread(target=guarded(f), daemon=True, name=f"coach-edge-{f.__name__}")
                    for f in (compute, send, local)]
@@ -243,28 +316,50 @@ class Agent:
 
     def _compute_head(self, item: _Item, to_send: queue.Queue) -> None:
         decision = self._decide()
-        cut = self.bundle.cuts[decision.cut]
+        cut = self.bundle.cuts[decision.cut_id]
         item.cut, item.bits = cut.id, decision.bits
         if cut.kind == "edge-only" or self.link is None or not self.link.up:
             self._results.put(self._run_locally(item, fallback=cut.kind != "edge-only"))
             return
         t0 = time.perf_counter()
-        if cut.kind == "cloud-only":
-            item.tensors = {k: v for k, v in item.sample.inputs.items()}
-        else:
-            names = [t.name for t in cut.tensors]
-            outs = self.heads[cut.id].run(names, item.sample.inputs)
-            item.tensors = dict(zip(names, outs))
+        # A cut tensor is a head output, or a model input the edge forwards as it is.
+        item.tensors = {t.name: item.sample.inputs[t.name] for t in cut.tensors if t.source == "input"}
+        names = [t.name for t in cut.tensors if t.source != "input"]
+        if names:
+            item.tensors.update(zip(names, self.heads[cut.id].run(names, item.sample.inputs)))
         item.head_ms = (time.perf_counter() - t0) * 1e3
-        self.cuts[cut.id] = self.cuts[cut.id].observe_edge(item.head_ms)
+        self._observe(cut.id, edge_ms=item.head_ms)
+        cache = self.caches.get(cut.id)
+        if cache is not None:
+            item.feature = cache.feature([item.tensors[t.name] for t in cut.tensors])
+            item.cache = cache.decide(item.feature)
+            if item.cache.outcome == "hit":
+                self._answer_from_cache(item, cache)
+                if not item.cache.verify:
+                    return
+                item.verify_only = True
+            elif item.cache.outcome == "band" and (item.bits is None or cache.config.band_bits < item.bits):
+                item.bits = cache.config.band_bits
         item.t_queued = time.perf_counter()
         to_send.put(item)
 
+    def _answer_from_cache(self, item: _Item, cache: SemanticCache) -> None:
+        d = item.cache
+        cache.add_saved(self.bundle.cuts[item.cut].bytes_at(item.bits or 32))
+        timing = {"edge_ms": item.head_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,
+                  "total_ms": (time.perf_counter() - item.t_capture) * 1e3}
+        with self._lock:
+            self.stats["cache"] += 1
+        score = 0.0 if d.reused else d.margin
+        self._results.put((item.seq, Result(id=item.sample.id, cls=d.cls, score=score, where="cache", bits=None,
+                                            cut=item.cut, timing=timing, label=item.sample.label)))
+
     def _send(self, item: _Item) -> None:
         self._slots.acquire()
-        if self.config.bits is None:  # the freshest estimate decides the bits of this very request
-            d = self._decide(cut=item.cut)
-            if d.cut == item.cut:
+        banded = item.cache is not None and item.cache.outcome == "band"
+        if self.config.bits is None and not banded:  # the freshest estimate decides this request's bits
+            d = self._decide()
+            if d.cut_id == item.cut:
                 item.bits = d.bits
         cut = self.bundle.cuts[item.cut]
         t0 = time.perf_counter()
@@ -305,15 +400,19 @@ class Agent:
             return
         if resp.error.code:
             log.warning("cloud refused request %d: %s; computing it locally", resp.request_id, resp.error.message)
-            self._local.put(item)
+            self._local.put(item)  # (a refused verification is dropped there)
             return
         st = resp.timing
         server_ms = st.queue_ms + st.decode_ms + st.compute_ms
         rtt_ms = (t_recv - item.t_sent) * 1e3
         wire_ms = max(rtt_ms - server_ms, 0.0)
         self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns, nbytes=st.bytes_received))
-        self.cuts[item.cut] = self.cuts[item.cut].observe_cloud(st.decode_ms + st.compute_ms)
+        self._observe(item.cut, cloud_ms=st.queue_ms + st.decode_ms + st.compute_ms)
         top = resp.topk[0] if resp.topk else pb.ClassScore(index=-1, score=0.0)
+        if item.feature is not None:
+            self.caches[item.cut].observe(item.feature, top.index, item.cache)
+        if item.verify_only:
+            return  # its result, from the cache, is out already
         timing = {"edge_ms": item.head_ms, "encode_ms": item.encode_ms, "wire_ms": wire_ms,
                   "cloud_ms": st.decode_ms + st.compute_ms,
                   "queue_ms": (item.t_sent - item.t_queued) * 1e3 + st.queue_ms,
@@ -359,13 +458,6 @@ class Agent:
 
     # ------------------------------------------------------------ adaptation
 
-    def _decide(self, cut: str | None = None) -> Decision:
-        if self.config.cut and self.config.bits:
-            return self.decision
-        est = self.estimator.estimate_mbps()
-        if est is None:
-            return self.decision
-        d = decide(est, self.cuts, self.levels, current=cut or self.decision.cut,
-                   fixed_cut=self.config.cut, fixed_bits=self.config.bits, previous=self.decision)
-        self.decision = d
-        return d
+    def _decide(self) -> Decision:
+        with self._lock:
+            return self.quantizer.update(self.estimator.estimate_mbps())

@@ -15,12 +15,12 @@ Two kinds of rate samples, one per request i:
   send_i - B). B is estimated with the classic base-delay filter: D = min(recv_j - send_j) over
   a long window is B plus the shortest transfer seen, that of the request j* that achieved it; the
   shortest transfer is bytes_j* / C_hi, with C_hi the fastest recent dispersion rate (the link at
-  its fast moments), so B = D - bytes_j* / C_hi. Without dispersion samples yet, B = D.
-  Cellular links deliver in bursts (several packets in one millisecond), so for requests of a few
-  packets D is very close to B; for large requests on a link that never queued, B = D is too
-  large and the estimate too high until the first queued requests correct it (upgrading the bits
-  on that estimate makes them queue). Constant-size requests on an idle link with unsynchronised
-  clocks cannot tell more: this is the limit of one-way timing.
+  its fast moments), so B = D - bytes_j* / C_hi. Before any request queued there is no C_hi, and
+  no one-way sample is made (`calibrated` is False, the estimate None): constant-size requests
+  on an idle link with unsynchronised clocks say nothing about its capacity; that is the limit of
+  one-way timing. One request that surely queued calibrates it; an edge that must know can send
+  its first three requests back to back (the third surely waits). Cellular links deliver in bursts (several packets in one
+  millisecond), so the fastest transfers are short and the correction small.
 
 Whether request i queued behind i-1 is decided with D, not B: since D >= B, send_i + D < recv_{i-1}
 means request i surely waited; a request that waited less than the shortest transfer counts as
@@ -41,7 +41,7 @@ Everything is pure functions over small dataclasses plus a tiny state class:
 
     est = BandwidthEstimator()
     est.update(Observation(send_ns, resp.timing.receive_unix_ns, resp.timing.bytes_received))
-    est.estimate_mbps()        # None until there is a sample
+    est.estimate_mbps()        # None until there is a sample (see `calibrated`)
 """
 
 from __future__ import annotations
@@ -96,18 +96,21 @@ def make_sample(
     prev_recv_ns: int | None,
     obs: Observation,
     sure_base_ns: int,
-    base_ns: int,
+    base_ns: int | None,
     min_seconds: float = 50e-6,
 ) -> Sample | None:
-    """The rate sample of one request (None for the first one or an empty one).
+    """The rate sample of one request, or None (first request, empty, or one-way before B).
 
-    `sure_base_ns` is D = min(recv - send), `base_ns` the estimated B (<= D).
+    `sure_base_ns` is D = min(recv - send), `base_ns` the estimated B (<= D), None until some
+    request queued (see the module doc).
     """
     if obs.nbytes <= 0 or prev_recv_ns is None:
         return None
     if queued_behind(prev_recv_ns, obs, sure_base_ns):
         gap = (obs.recv_ns - prev_recv_ns) / 1e9
         return Sample(obs.recv_ns, obs.nbytes, max(gap, min_seconds), "dispersion")
+    if base_ns is None:
+        return None
     seconds = (obs.recv_ns - obs.send_ns - base_ns) / 1e9
     return Sample(obs.recv_ns, obs.nbytes, max(seconds, min_seconds), "one-way")
 
@@ -158,12 +161,13 @@ class BandwidthEstimator:
         self._prev_recv: int | None = None
         # sliding-window minimum of recv - send: (recv_ns, delay_ns, nbytes), delays increasing
         self._delays: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._fast: collections.deque[float] = collections.deque(maxlen=self.config.max_samples)
         self._estimate: float | None = None
 
     @property
     def calibrated(self) -> bool:
-        """True once B is corrected by a dispersion rate (else B = D, see the module doc)."""
-        return any(s.kind == "dispersion" for s in self.samples)
+        """True once some request queued: B is known and idle requests give one-way samples."""
+        return bool(self._fast)
 
     def sure_base_ns(self) -> int | None:
         """D = min(recv - send) over the window: B plus the shortest transfer (None: no data)."""
@@ -174,12 +178,11 @@ class BandwidthEstimator:
 
         An outlier here (a near-zero gap) only makes the correction smaller, i.e. B closer to D.
         """
-        rates = [s.mbps for s in self.samples if s.kind == "dispersion"]
-        return max(rates) if rates else None
+        return max(self._fast) if self._fast else None
 
     def base_ns(self) -> int | None:
-        """B = clock offset + propagation delay (server minus edge clock), as estimated now."""
-        if not self._delays:
+        """B = clock offset + propagation delay (server minus edge clock); None until calibrated."""
+        if not self._delays or not self._fast:
             return None
         _, delay, nbytes = self._delays[0]
         return base_delay_ns(delay, nbytes, self.fast_mbps())
@@ -195,6 +198,8 @@ class BandwidthEstimator:
         )
         if sample is not None:
             self.samples.append(sample)
+            if sample.kind == "dispersion":
+                self._fast.append(sample.mbps)
             self._estimate = robust_mbps(self._window(), cfg.outlier_factor)
         self._prev_recv = obs.recv_ns
         return sample
@@ -202,6 +207,15 @@ class BandwidthEstimator:
     def estimate_mbps(self) -> float | None:
         """Uplink goodput while busy, Mbit/s (None until the first sample)."""
         return self._estimate
+
+    def span_ns(self) -> tuple[int, int] | None:
+        """The interval (server clock) the current estimate covers: from the start of the oldest
+        sample in the window to the newest arrival."""
+        if not self.samples:
+            return None
+        window = self._window()
+        start = min(s.recv_ns - int(s.seconds * 1e9) for s in window)
+        return start, window[-1].recv_ns
 
     # helpers
     def _window(self) -> list[Sample]:

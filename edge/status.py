@@ -63,7 +63,7 @@ class StatusLine:
         est = agent.estimator.estimate_mbps()
         link = "local" if agent.link is None else ("up" if agent.link.up else "DOWN")
         line = (f"{stats.count} done  {stats.throughput():.1f}/s  p50 {np.percentile(lat, 50):.1f} ms  "
-                f"p95 {np.percentile(lat, 95):.1f} ms  cut {agent.decision.cut}  bits {agent.decision.bits}  "
+                f"p95 {np.percentile(lat, 95):.1f} ms  cut {agent.decision.cut_id}  bits {agent.decision.bits}  "
                 f"bw {'?' if est is None else f'{est:.2f}'} Mbit/s  cloud {link}  "
                 f"where {' '.join(f'{k}={v}' for k, v in sorted(stats.where.items()))}")
         if self.tty:

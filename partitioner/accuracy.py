@@ -3,6 +3,8 @@
     cal = load_calibration("calib.npz", input_types)    # arrays keyed by input name, + optional "label"
     meter = AccuracyMeter(full_bytes, cal, make_split)    # make_split(cut) -> split.Split
     meter(cut, 8)       # percentage points of top-1 disagreement with the fp32 model; memoised
+    meter.agreement(cut, 8)   # per sample: does the 8-bit split agree with the fp32 model? (bool array)
+    meter.cut_tensors(cut)    # (split, per-sample fp32 cut tensors) as the edge would send them
 
 The drop is 100 * (1 - agreement), where agreement is the fraction of calibration samples whose
 top-1 class (argmax of the model's first output, flattened per sample) through the quantized split
@@ -25,7 +27,7 @@ import numpy as np
 
 from coach_runtime.errors import UserError
 from partitioner.profile import session
-from partitioner.split import Split, TensorType, run_split
+from partitioner.split import Split, TensorType
 from protos.codec import decode, encode
 
 log = logging.getLogger(__name__)
@@ -118,18 +120,21 @@ class AccuracyMeter:
 
     def __init__(self, full: bytes, calibration: Calibration, make_split: Callable[[object], Split],
                  providers: list[str] | None = None, cache_cuts: int = 2,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, batch: int = 32):
         self.full = full
         self.cal = calibration
         self.make_split = make_split
         self.providers = providers
         self.cache_cuts = cache_cuts
+        self.batch = batch  # head runs per onnxruntime call, where the head takes a batch axis
         self.progress = progress
         self.measured: dict[tuple[str, int], float] = {}
         self.label_accuracy: dict[tuple[str, int], float] = {}
         self.calls = 0  # measurements actually run (memo misses)
+        self._agree: dict[tuple[str, int], np.ndarray] = {}  # per-sample agreement with the fp32 model
         self._sent: OrderedDict[str, tuple[Split, object, list[dict[str, np.ndarray]]]] = OrderedDict()
         self._reference: list[int] | None = None
+        self.output_shape: tuple[int, ...] | None = None  # of the first output, one sample
         self.fp32_label_accuracy: float | None = None
 
     @property
@@ -137,7 +142,12 @@ class AccuracyMeter:
         """The fp32 full model's top-1 per calibration sample."""
         if self._reference is None:
             sess = session(self.full, self.providers, what="full model")
-            self._reference = [top1(sess.run(None, self.cal.feed(i))) for i in range(self.cal.samples)]
+            ref = []
+            for i in range(self.cal.samples):
+                out = sess.run(None, self.cal.feed(i))
+                self.output_shape = tuple(np.asarray(out[0]).shape)
+                ref.append(top1(out))
+            self._reference = ref
             if self.cal.labels is not None:
                 self.fp32_label_accuracy = 100.0 * float(np.mean(np.asarray(self._reference) == self.cal.labels))
         return self._reference
@@ -149,15 +159,14 @@ class AccuracyMeter:
             self._sent.move_to_end(key)
             return self._sent[key]
         split = self.make_split(cut)
-        head = session(split.head.SerializeToString(), self.providers, what=f"cut {cut.id} head") if split.head is not None else None
+        head = None
+        if split.head is not None:
+            head = session(split.head.SerializeToString(), self.providers, what=f"cut {cut.id} head")
         tail = session(split.tail.SerializeToString(), self.providers, what=f"cut {cut.id} tail")
+        outs = self._head_outputs(head) if head is not None else [{} for _ in range(self.cal.samples)]
         sent = []
-        for i in range(self.cal.samples):
+        for i, d in enumerate(outs):
             feed = self.cal.feed(i)
-            d = {}
-            if head is not None:
-                names = [o.name for o in head.get_outputs()]
-                d.update(zip(names, head.run(names, {x.name: feed[x.name] for x in head.get_inputs()})))
             for t, s in zip(split.tensors, split.sources):
                 if s == "input":
                     d[t.name] = feed[t.name]
@@ -166,6 +175,41 @@ class AccuracyMeter:
         while len(self._sent) > self.cache_cuts:
             self._sent.popitem(last=False)
         return self._sent[key]
+
+    def _head_outputs(self, head) -> list[dict[str, np.ndarray]]:
+        """Every sample's head outputs by name, each as a batch of one. Runs `batch` samples at a
+        time when every head input has a free batch axis (and the outputs keep it), else one by one."""
+        names = [o.name for o in head.get_outputs()]
+        inputs = [x.name for x in head.get_inputs()]
+        n, batch = self.cal.samples, self.batch
+        free = all(self.cal.batched.get(x.name) and x.shape and not isinstance(x.shape[0], int)
+                   for x in head.get_inputs())
+        if free and batch > 1 and n > 1:
+            out: list[dict[str, np.ndarray]] = []
+            for lo in range(0, n, batch):
+                hi = min(lo + batch, n)
+                got = head.run(names, {k: self.cal.inputs[k][lo:hi] for k in inputs})
+                if any(np.ndim(a) == 0 or np.shape(a)[0] != hi - lo for a in got):
+                    log.info("head outputs do not keep the batch axis: running samples one by one")
+                    break
+                out += [{k: a[j : j + 1] for k, a in zip(names, got)} for j in range(hi - lo)]
+            else:
+                return out
+        return [dict(zip(names, head.run(names, {k: self.cal.feed(i)[k] for k in inputs}))) for i in range(n)]
+
+    def cut_tensors(self, cut) -> tuple[Split, list[dict[str, np.ndarray]]]:
+        """The split and, per calibration sample, its fp32 cut tensors by name (head outputs and
+        forwarded inputs, as the edge holds them before encoding). Not for edge-only cuts."""
+        split, _, sent = self._prepare(cut)
+        return split, sent
+
+    def agreement(self, cut, bits: int) -> np.ndarray:
+        """Per calibration sample: does head -> b-bit quantization -> tail give the fp32 full
+        model's top-1? (bool array; all True at 32 bits and for edge-only, as the drop is 0 there.)"""
+        if bits == 32 or cut.kind == "edge-only":
+            return np.ones(self.cal.samples, bool)
+        self(cut, bits)
+        return self._agree[(cut.id, bits)].copy()
 
     def __call__(self, cut, bits: int) -> float | None:
         if bits == 32 or cut.kind == "edge-only":
@@ -176,16 +220,16 @@ class AccuracyMeter:
         ref = self.reference
         split, tail, sent = self._prepare(cut)
         axes = {t.name: quant_axis(t) for t in split.tensors}
-        agree, correct = 0, 0
+        preds = np.empty(self.cal.samples, np.int64)
         for i, d in enumerate(sent):
             q = {k: quantize(v, bits, axes.get(k)) for k, v in d.items()}
-            pred = top1(tail.run(None, {x.name: q[x.name] for x in tail.get_inputs()}))
-            agree += pred == ref[i]
-            if self.cal.labels is not None:
-                correct += pred == int(self.cal.labels[i])
-        drop = 100.0 * (1.0 - agree / self.cal.samples)
+            preds[i] = top1(tail.run(None, {x.name: q[x.name] for x in tail.get_inputs()}))
+        agree = preds == np.asarray(ref)
+        drop = 100.0 * (1.0 - int(agree.sum()) / self.cal.samples)
+        self._agree[key] = agree
         self.measured[key] = drop
         if self.cal.labels is not None:
+            correct = int((preds == self.cal.labels.astype(np.int64)).sum())
             self.label_accuracy[key] = 100.0 * correct / self.cal.samples
         self.calls += 1
         if self.progress:

@@ -4,7 +4,10 @@ Steps: read the model -> device profiles (given, or measured here) -> cost DAG -
 cuts (partitioner.search) -> per bandwidth level the best (cut, bits) with accuracy measured lazily
 on the calibration set (partitioner.accuracy) -> the five baselines on the same profiles ->
 split every cut the bundle keeps, verify it (tail(head(x)) == full(x)), time it here -> write the
-bundle atomically (partitioner.bundle_writer) and print the plan table.
+bundle atomically (partitioner.bundle_writer) and print the plan table. With calibration data and a
+class-score output, the semantic cache's offline half runs too (`_Planner.cache_section`): label
+centers of pooled cut features per interior cut (centers.npz) and margin thresholds calibrated on
+a held-out split (plan.json `cache`).
 
 Every user mistake (bad file, bad flag, mismatching calibration or profile) is one line, exit 2,
 and leaves --out untouched.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import logging
 import math
 import time
@@ -51,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else 32,16)")
     a.add_argument("--accuracy-budget", default="0.5", metavar="PP",
                    help="allowed top-1 agreement drop in percentage points (default 0.5)")
+    c = p.add_argument_group("semantic cache (needs --calibration)")
+    c.add_argument("--cache-precision", default="0.99", metavar="P",
+                   help="target precision of cache answers against the full model's (default 0.99)")
+    c.add_argument("--cache-held-out", default="0.5", metavar="F",
+                   help="fraction of calibration samples held out to calibrate thresholds (default 0.5)")
+    c.add_argument("--no-cache", action="store_true", help="build no semantic cache")
     n = p.add_argument_group("network and objective")
     n.add_argument("--bandwidth", metavar="MBPS[,MBPS...]", help="bandwidth levels in Mbit/s")
     n.add_argument("--trace", metavar="FILE", help="mahimahi uplink trace: levels at its percentiles")
@@ -211,6 +221,9 @@ class Options:
     bits: list[int] | None
     levels: list[float]
     level_source: str
+    cache: bool = True
+    cache_precision: float = 0.99
+    cache_held_out: float = 0.5
 
 
 def parse_options(args) -> Options:
@@ -228,6 +241,12 @@ def parse_options(args) -> Options:
     else:
         levels, level_source = list(DEFAULT_LEVELS_MBPS), "default levels"
     name = args.model_name or path.name.rsplit(".", 1)[0]
+    precision = _number(args.cache_precision, "--cache-precision", positive=True)
+    if precision > 1:
+        raise UserError(f"--cache-precision {args.cache_precision!r}: a precision in (0, 1], e.g. 0.99")
+    held_out = _number(args.cache_held_out, "--cache-held-out", positive=True)
+    if held_out >= 1:
+        raise UserError(f"--cache-held-out {args.cache_held_out!r}: a fraction in (0, 1), e.g. 0.5")
     return Options(
         path=path,
         out=Path(args.out) if args.out else Path(f"{name}.bundle"),
@@ -242,6 +261,9 @@ def parse_options(args) -> Options:
         bits=parse_bits(args.bits),
         levels=levels,
         level_source=level_source,
+        cache=not args.no_cache,
+        cache_precision=precision,
+        cache_held_out=held_out,
     )
 
 
@@ -287,9 +309,12 @@ def run(args) -> int:
     for kind in ("edge-only", "cloud-only"):
         if kind in ends and all(c.kind != kind for c in cands):
             cands.append(ends[kind])
-    if mode != "exact":
+    if mode == "topological-fallback":
         notes.append("the graph is not series-parallel everywhere: cuts searched along topological "
                      "orders in those regions (not proven optimal)")
+    elif mode != "exact":
+        notes.append(f"search mode {mode}: a region's frontier was thinned to a fine grid "
+                     "(near-optimal, not proven optimal)")
 
     planner = _Planner(opt, data, model, info, g, types, notes, calibration, args.no_timing)
     planner.files["full.onnx"] = data
@@ -298,8 +323,9 @@ def run(args) -> int:
         rows, base, kept = planner.search(cands, ends)
         plan_rows, base_rows = planner.row_docs(rows, base)  # measures the rows' drops first
         cut_docs = planner.cut_docs(rows, base, kept)
+        cache = planner.cache_section(kept, cut_docs)
 
-    doc = planner.document(sha, edge_prof, cloud_prof, mode, cut_docs, plan_rows, base_rows)
+    doc = planner.document(sha, edge_prof, cloud_prof, mode, cut_docs, plan_rows, base_rows, cache)
     written = write_bundle(opt.out, doc, planner.files, force=args.force)
     _print_table(doc, written)
     return 0
@@ -343,6 +369,7 @@ class _Planner:
         self.search_seconds = 0.0
         self.candidates = 0
         self._acc_task = None
+        self.cache_status = "none"
 
     def _measured(self, text: str) -> None:
         if self.prog is not None:
@@ -374,8 +401,9 @@ class _Planner:
                                              self.oracle, cands).items():
                     if ch is not None:
                         base.setdefault(_method_key(method), []).append((bw, ch))
+            base_cuts = [ch.cut for lst in base.values() for _, ch in lst]
             kept = {}
-            for cut in [r.cut for r in rows] + [ch.cut for lst in base.values() for _, ch in lst] + list(ends.values()):
+            for cut in [r.cut for r in rows] + base_cuts + list(ends.values()):
                 kept.setdefault(cut.id, cut)
             todo = [c for c in kept.values() if c.id not in self.verified]
             task = self.prog.add_task("verifying cuts", total=len(todo)) if self.prog and todo else None
@@ -401,7 +429,7 @@ class _Planner:
                 self.prog.remove_task(task)
             if not failed:
                 break
-            if failed & {c.id for c in ends.values()} or failed & {ch.cut.id for lst in base.values() for _, ch in lst}:
+            if failed & {c.id for c in list(ends.values()) + base_cuts}:
                 raise RuntimeError(f"internal error: a baseline's cut failed verification: {self.notes[-1]}")
             cands = [c for c in cands if c.id not in failed]
         self.search_seconds = time.perf_counter() - t0
@@ -432,7 +460,8 @@ class _Planner:
                     "bytes": 0 if cut.kind == "edge-only" else payload_bytes(cut.elements, b),
                     "accuracy_drop": self._drop(cut, b, measure=True)}
 
-        plan_rows = [dict(row_doc(r.bandwidth_mbps, r.cut, r.bits, r.times), meets_rate=r.meets_rate) for r in rows]
+        plan_rows = [dict(row_doc(r.bandwidth_mbps, r.cut, r.bits, r.times), meets_rate=r.meets_rate)
+                     for r in rows]
         base_rows = {m: [row_doc(bw, ch.cut, ch.bits, ch.times) for bw, ch in lst] for m, lst in base.items()}
         return plan_rows, base_rows
 
@@ -445,7 +474,8 @@ class _Planner:
         from partitioner.search import payload_bytes
 
         used_bits: dict[str, set[int]] = {}
-        for cut, b in [(r.cut, r.bits) for r in rows] + [(ch.cut, ch.bits) for lst in base.values() for _, ch in lst]:
+        pairs = [(r.cut, r.bits) for r in rows] + [(ch.cut, ch.bits) for lst in base.values() for _, ch in lst]
+        for cut, b in pairs:
             used_bits.setdefault(cut.id, set()).add(b)
         timing_runs = min(self.opt.runs, 10)
         task = self.prog.add_task("quantization tables, timing", total=len(kept)) if self.prog else None
@@ -466,10 +496,10 @@ class _Planner:
             validation = {"max_relative_error": self.verified[cid], "samples": self.opt.verify_samples}
             has_head, has_tail = cut.kind != "cloud-only", cut.kind != "edge-only"
             if not self.no_timing:
-                if has_head:
-                    validation["head_ms"] = time_model(self.files[head_file], runs=timing_runs, what=f"cut {cid} head")
-                if has_tail:
-                    validation["tail_ms"] = time_model(self.files[tail_file], runs=timing_runs, what=f"cut {cid} tail")
+                for side, has, f in (("head", has_head, head_file), ("tail", has_tail, tail_file)):
+                    if has:
+                        validation[f"{side}_ms"] = time_model(self.files[f], runs=timing_runs,
+                                                              what=f"cut {cid} {side}")
             doc = {
                 "id": cid,
                 "kind": cut.kind,
@@ -490,7 +520,95 @@ class _Planner:
                 self.prog.advance(task)
         return docs
 
-    def document(self, sha, edge_prof, cloud_prof, mode, cut_docs, plan_rows, base_rows) -> dict:
+    def cache_section(self, kept: dict, cut_docs: list[dict]) -> dict | None:
+        """The semantic cache's offline half: for each interior cut, pooled cut features of the
+        calibration inputs (protos.semantic.pool, as the edge computes them), label centers from the
+        build split, thresholds on the held-out split (partitioner.semantic_cache). Puts centers.npz in
+        self.files and returns plan.json's `cache` section; None (reason in self.cache_status) when
+        there is no cache to build."""
+        from partitioner.bundle_writer import file_ref
+        from partitioner.semantic_cache import build_centers, calibrate, split_held_out
+        from protos.bundle import POOLING
+        from protos.semantic import pool
+
+        opt, meter, cal = self.opt, self.meter, self.calibration
+        interior = [c for c in kept.values() if c.kind == "interior"]
+        why = None
+        if not opt.cache:
+            why = "disabled by --no-cache"
+        elif meter is None:
+            why = "no --calibration (centers and thresholds are built from calibration inputs)"
+        elif not interior:
+            why = "no interior cut in this bundle (the cache compares a head's cut tensors)"
+        if why is None:
+            ref = np.asarray(meter.reference, np.int64)
+            k = class_count(meter.output_shape)
+            build, held = split_held_out(cal.samples, opt.cache_held_out, opt.seed)
+            if k is None:
+                why = (f"the model's first output has shape {list(meter.output_shape or ())} per sample, "
+                       "not a class-score vector")
+            elif len(build) == 0 or len(held) == 0:
+                why = (f"{cal.samples} calibration sample(s) are too few to split into build and held-out "
+                       f"parts (--cache-held-out {opt.cache_held_out:g})")
+        if why is not None:
+            self.cache_status = f"none: {why}"
+            return None
+
+        normal = {d["id"]: min(q["bits"] for q in d["quantization"] if q["admissible"])
+                  for d in cut_docs if d["kind"] == "interior"}
+        labels = cal.labels.astype(np.int64) if cal.labels is not None else None
+        task = self.prog.add_task("semantic cache", total=len(interior)) if self.prog else None
+        arrays: dict[str, np.ndarray] = {}
+        entries: dict[str, dict] = {}
+        for cut in interior:
+            split, sent = meter.cut_tensors(cut)
+            feats = np.stack([pool([d[t.name] for t in split.tensors])[0] for d in sent])
+            if not np.isfinite(feats).all():
+                self.notes.append(f"semantic cache: cut {cut.id} skipped (non-finite cut features)")
+                continue
+            centers = build_centers(feats[build], ref[build], None if labels is None else labels[build], k)
+            nb = normal[cut.id]
+            normal_agree = meter.agreement(cut, nb)[held]
+            lower = {b: meter.agreement(cut, b)[held] for b in self.bits if b < nb}
+            # the band may spend what the normal bits leave of the budget (their drop on all samples)
+            left = max(0.0, opt.budget - (meter(cut, nb) or 0.0))
+            if centers.valid.any():
+                th = calibrate(feats[held], ref[held], centers, opt.cache_precision, lower or None,
+                               normal_agree, left).to_json()
+            else:  # the full model got every build sample wrong: no center to compare with
+                th = {"hit": None, "band": None, "band_bits": None, "precision": None, "hit_rate": 0.0,
+                      "band_rate": 0.0, "band_drop": None}
+            has_hit, has_band = th["hit"] is not None, th["band_bits"] is not None
+            arrays[f"{cut.id}.centers"] = centers.centers.astype(np.float32)
+            arrays[f"{cut.id}.valid"] = centers.valid.astype(bool)
+            entries[cut.id] = {
+                "hit": th["hit"], "band": float(th["band"]) if has_band else None,
+                "band_bits": th["band_bits"] if has_band else None,
+                "precision": th["precision"] if has_hit else None, "hit_rate": th["hit_rate"],
+                "band_rate": th["band_rate"], "band_drop": th["band_drop"] if has_band else None,
+                "held_out": int(len(held)), "num_classes": int(k), "dim": int(feats.shape[1]),
+                "normal_bits": nb, "centers_from": int(centers.counts.sum()),
+                "classes_with_center": int(centers.valid.sum())}
+            if task is not None:
+                self.prog.advance(task)
+        if task is not None:
+            self.prog.remove_task(task)
+        if not entries:
+            self.cache_status = "none: no interior cut gave finite cut features"
+            return None
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.files["centers.npz"] = buf.getvalue()
+        built = ("correct answers of the full model" if labels is not None else "the full model's answers")
+        self.cache_status = (f"built for {len(entries)} cut(s): centers from {len(build)} calibration samples "
+                             f"({built}), thresholds on {len(held)} held-out samples (seed {opt.seed}) for "
+                             f"precision {opt.cache_precision:g} against the full model")
+        return {**file_ref("centers.npz", self.files["centers.npz"]), "pooling": POOLING,
+                "target_precision": opt.cache_precision, "held_out_fraction": opt.cache_held_out,
+                "split_seed": opt.seed, "labels": labels is not None, "cuts": entries}
+
+    def document(self, sha, edge_prof, cloud_prof, mode, cut_docs, plan_rows, base_rows,
+                 cache: dict | None = None) -> dict:
         from coach_runtime.cli import version
         from partitioner.bundle_writer import file_ref
         from partitioner.split import TensorType
@@ -514,14 +632,24 @@ class _Planner:
                 "calibration": None if cal is None else {
                     "file": Path(cal.source).name, "sha256": cal.sha256, "samples": cal.samples,
                     "labels": cal.labels is not None, "fp32_label_accuracy": self.meter.fp32_label_accuracy},
+                "semantic_cache": self.cache_status,
             },
             "cuts": cut_docs,
             "plan_table": plan_rows,
             "baselines": base_rows,
-            "cache": None,
+            "cache": cache,
             "profiles": {"edge": edge_prof.to_json(), "cloud": cloud_prof.to_json()},
             "notes": self.notes,
         }
+
+
+def class_count(shape: tuple[int, ...] | None) -> int | None:
+    """K when a per-sample output of this shape is a class-score vector ([1, K], [K], [1, K, 1, 1]:
+    one axis longer than 1, K >= 2), else None."""
+    if shape is None:
+        return None
+    long = [d for d in shape if d != 1]
+    return long[0] if len(long) == 1 and long[0] >= 2 else None
 
 
 def _spec(t) -> dict:

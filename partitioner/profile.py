@@ -340,7 +340,8 @@ def _measure(model_bytes: bytes, providers: list[str], optimization: str, runs: 
     with tempfile.TemporaryDirectory(prefix="coach-profile-") as tmp:
         opt_path = os.path.join(tmp, "optimized.onnx") if optimization != "disable" else None
         try:
-            sess = session(model_bytes, providers, optimization, threads, os.path.join(tmp, "ort"), opt_path, what)
+            sess = session(model_bytes, providers, optimization, threads, os.path.join(tmp, "ort"),
+                           opt_path, what)
         except UserError:
             if opt_path is None:
                 raise
@@ -353,7 +354,9 @@ def _measure(model_bytes: bytes, providers: list[str], optimization: str, runs: 
             tick()
         trace = sess.end_profiling()
         events = json.loads(Path(trace).read_text())
-        optimized = onnx.load(opt_path, load_external_data=False) if opt_path and os.path.exists(opt_path) else None
+        optimized = None
+        if opt_path and os.path.exists(opt_path):
+            optimized = onnx.load(opt_path, load_external_data=False)
 
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                      if e.get("cat") == "Session" and e.get("name") == "model_run")[warmup:]
@@ -554,7 +557,8 @@ def profile_model(path: str | Path, device_name: str = "", providers: list[str] 
 
     outputs_of = {n[0]: n[3] for n in nodes}
     activations = {o for n in nodes if not n[4] for o in n[3]}
-    unfused = _measure(named_bytes, providers, "disable", runs, warmup, threads, seed, tick, outputs_of, str(path))
+    unfused = _measure(named_bytes, providers, "disable", runs, warmup, threads, seed, tick, outputs_of,
+                       str(path))
     if optimization == "disable":
         fused = unfused
         times = {n[0]: (0.0 if n[4] else unfused.node_ms.get(n[0], 0.0)) for n in nodes}

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", default="3", metavar="N", help="untimed runs first (default 3)")
     p.add_argument("--optimization", default="all", choices=("disable", "basic", "extended", "all"),
                    help="onnxruntime graph optimization level to time (default all, as the runtime runs)")
-    p.add_argument("--threads", default="0", metavar="N", help="intra-op threads (default 0: onnxruntime's choice)")
+    p.add_argument("--threads", default="0", metavar="N",
+                   help="intra-op threads (default 0: onnxruntime's choice)")
 
 
 def _int(value: str, flag: str, minimum: int) -> int:
@@ -60,8 +61,8 @@ def run(args) -> int:
     save_profile(prof, out)
 
     table = Table(title=f"{prof.model_name} on {prof.device['name']}: slowest nodes")
-    for col, just in (("node", "left"), ("op", "left"), ("ms", "right"), ("unfused ms", "right"), ("fused with", "left")):
-        table.add_column(col, justify=just)
+    for col in ("node", "op", "ms", "unfused ms", "fused with"):
+        table.add_column(col, justify="right" if col.endswith("ms") else "left")
     top = sorted(prof.nodes.items(), key=lambda kv: -kv[1].ms)[:10]
     for nid, n in top:
         table.add_row(nid, n.op, f"{n.ms:.3f}", f"{n.unfused_ms or 0:.3f}", n.cluster or "")

@@ -80,16 +80,20 @@ def report_markdown(doc: dict) -> str:
     m, obj = doc["model"], doc["objective"]
     prof = doc.get("profiles", {})
     lines = [f"# COACH plan: {m['name']}", ""]
+    edge, cloud = prof.get("edge", {}), prof.get("cloud", {})
+    rate = obj.get("rate_hz")
+    goal = f"latency subject to period <= 1/rate at {_fmt(rate)} Hz" if rate else "minimum period, then latency"
     lines += [
         f"- model sha256: `{m['sha256']}`",
-        f"- edge device: {prof.get('edge', {}).get('device', {}).get('name', '?')}"
-        f"{_scale_note(prof.get('edge', {}))}; cloud device: {prof.get('cloud', {}).get('device', {}).get('name', '?')}",
-        f"- objective: {'latency subject to period <= 1/rate at ' + _fmt(obj.get('rate_hz')) + ' Hz' if obj.get('rate_hz') else 'minimum period, then latency'}"
-        f"; accuracy budget {_fmt(obj['accuracy_budget'])} points of top-1 agreement",
-        f"- accuracy: {obj.get('accuracy', '?')}; bit widths offered: {', '.join(map(str, obj.get('bits_options', [])))}",
+        f"- edge device: {edge.get('device', {}).get('name', '?')}{_scale_note(edge)}; "
+        f"cloud device: {cloud.get('device', {}).get('name', '?')}",
+        f"- objective: {goal}; accuracy budget {_fmt(obj['accuracy_budget'])} points of top-1 agreement",
+        f"- accuracy: {obj.get('accuracy', '?')}; bit widths offered: "
+        f"{', '.join(map(str, obj.get('bits_options', [])))}",
         f"- search: {obj.get('search_mode', '?')}, {obj.get('candidates', '?')} frontier cuts, "
         f"{obj.get('accuracy_evaluations', 0)} accuracy measurements",
-        f"- link overhead per message: {_fmt(obj.get('link_overhead_ms', 0.0))} ms; bandwidth levels from {obj.get('bandwidth_source', '?')}",
+        f"- link overhead per message: {_fmt(obj.get('link_overhead_ms', 0.0))} ms; "
+        f"bandwidth levels from {obj.get('bandwidth_source', '?')}",
     ]
     for note in doc.get("notes", []):
         lines.append(f"- note: {note}")
@@ -133,11 +137,45 @@ def report_markdown(doc: dict) -> str:
         if not c["quantization"]:
             continue
         cells = ", ".join(
-            f"{q['bits']}b: {_bytes(q['bytes'])}, drop {_fmt(q.get('accuracy_drop'))}{'' if q['admissible'] else ' (over budget)'}"
+            f"{q['bits']}b: {_bytes(q['bytes'])}, drop {_fmt(q.get('accuracy_drop'))}"
+            + ("" if q["admissible"] else " (over budget)")
             for q in c["quantization"])
         lines.append(f"- {c['id']}: {cells}")
+    lines += cache_markdown(doc)
     lines += ["", "![pipeline](pipeline.png)", ""]
     return "\n".join(lines)
+
+
+def cache_markdown(doc: dict) -> list[str]:
+    """The semantic-cache section: per cut, the calibrated thresholds and what they did on held-out data."""
+    cache = doc.get("cache")
+    status = doc["objective"].get("semantic_cache", "none")
+    lines = ["", "## Semantic cache", ""]
+    if not cache:
+        return lines + [f"No semantic cache in this bundle: {status.removeprefix('none: ')}."]
+    lines += [f"{status[:1].upper()}{status[1:]}. Margin = top-1 minus top-2 cosine similarity of the "
+              f"pooled cut feature (`{cache['pooling']}`) to the label centers; at or above the hit "
+              "threshold the edge answers from the cache and sends nothing; in the band it sends at the "
+              "band's bits; below, at the plan's bits. Rates, precision (agreement of cache answers "
+              "with the full model) and drop (points of top-1 agreement, over all held-out samples) "
+              "measured on the held-out samples.", "",
+              "| cut | hit threshold | hit rate | precision | normal bits | band bits | band threshold | "
+              "band rate | band drop | held-out | classes | dim |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for cid, e in cache["cuts"].items():
+        lines.append(
+            f"| {cid} | {_fmt(e['hit'], 3)} | {_pct(e['hit_rate'])} | {_pct(e['precision'])} | "
+            f"{e.get('normal_bits', 'n/a')} | {e['band_bits'] if e['band_bits'] is not None else '-'} | "
+            f"{_fmt(e['band'], 3)} | {_pct(e['band_rate'])} | {_fmt(e['band_drop'])} | {e['held_out']} | "
+            f"{e['num_classes']} | {e['dim']} |")
+    lines += ["", "n/a threshold: no margin threshold reached the target precision on held-out data "
+              "(the cache never answers for that cut); band -: no band (no width below the normal one, or "
+              "none within the accuracy budget the normal width leaves)."]
+    return lines
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100.0 * v:.1f}%"
 
 
 def _scale_note(p: dict) -> str:

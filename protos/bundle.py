@@ -5,6 +5,7 @@
     cut = bundle.cuts["c3"]                   # CutSpec: cut tensors, head/tail files, quantization
     bundle.head_path("c3"), bundle.tail_path("c3"), bundle.full_path
     row = bundle.row_for_bandwidth(5.0)       # PlanRow: which cut and bits at 5 Mbit/s
+    spec = bundle.cache_for("c3")             # CacheSpec (centers, valid, hit, band, band_bits) or None
 
 Layout (docs/plan-bundle.md has the full schema):
 
@@ -12,10 +13,12 @@ Layout (docs/plan-bundle.md has the full schema):
     full.onnx            the unmodified model (fallback)
     cuts/<id>/head.onnx  runs on the edge (absent for cloud-only)
     cuts/<id>/tail.onnx  runs in the cloud (absent for edge-only)
+    centers.npz          semantic-cache centers per cut (only when plan.json's cache is not null)
     report.md, pipeline.png
 
 Validation on load: schema version, required fields and their types, every file named in plan.json
-present with the sha256 it declares, plan rows naming known cuts and admissible bit widths.
+present with the sha256 it declares, plan rows naming known cuts and admissible bit widths, the
+semantic-cache section and the shapes of its centers.
 This module is shared by edge, cloud and partitioner and imports only json, hashlib and numpy.
 """
 
@@ -36,6 +39,7 @@ BITS = (32, 16, 8, 6, 4, 3, 2)
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int32", "int64", "bool")
 CUT_KINDS = ("edge-only", "cloud-only", "interior")
 SOURCES = ("head", "input")
+POOLING = "gap-l2/1"  # protos.semantic.pool, version 1: the only pooling this coach computes
 
 
 class BundleError(ValueError):
@@ -126,6 +130,35 @@ class PlanRow:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """The semantic cache of one cut: label centers of pooled cut features (protos.semantic) and
+    margin thresholds calibrated offline. margin >= hit: answer from the cache; band <= margin < hit:
+    send at band_bits; else send as usual. hit None: no threshold reached the target precision."""
+
+    cut_id: str
+    centers: np.ndarray  # (K, D) float32, L2-normalised rows (zero rows where not valid); read-only
+    valid: np.ndarray  # (K,) bool: classes that have a center; read-only
+    hit: float | None
+    band: float | None  # None: no band
+    band_bits: int | None
+    target_precision: float
+    precision: float | None  # of cache answers on the held-out split (None: no hit threshold)
+    hit_rate: float
+    band_rate: float
+    band_drop: float | None
+    held_out: int
+    pooling: str = POOLING
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.centers.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centers.shape[1])
+
+
+@dataclass(frozen=True)
 class Bundle:
     path: Path
     plan_sha256: str
@@ -139,8 +172,13 @@ class Bundle:
     baselines: dict[str, tuple[PlanRow, ...]]  # method -> one row per plan-table level
     rate_hz: float | None
     accuracy_budget: float
-    cache: dict | None
+    cache: dict | None  # plan.json's cache section as written (None: no semantic cache)
     raw: dict = field(repr=False)  # the whole plan.json, for fields this loader does not model
+    caches: dict[str, CacheSpec] = field(default_factory=dict, repr=False)  # cut id -> its cache
+
+    def cache_for(self, cut_id: str) -> CacheSpec | None:
+        """The semantic cache of a cut (None: the bundle has none for it)."""
+        return self.caches.get(cut_id)
 
     @property
     def full_path(self) -> Path:
@@ -255,7 +293,8 @@ def _tensor(r: _Reader, obj: dict, where: str, cut_tensor: bool) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape), source, axis)
 
 
-def _file_ref(r: _Reader, root: Path, obj: dict, key: str, where: str, optional: bool) -> tuple[str | None, str | None]:
+def _file_ref(r: _Reader, root: Path, obj: dict, key: str, where: str,
+              optional: bool) -> tuple[str | None, str | None]:
     ref = r.get(obj, key, where, dict, optional=optional)
     if ref is None:
         return None, None
@@ -348,18 +387,82 @@ def _cut(r: _Reader, root: Path, obj: dict, where: str) -> CutSpec:
     )
 
 
-def _check_cache_files(r: _Reader, root: Path, obj: Any, where: str) -> None:
-    """Any object in the cache section with 'file' and 'sha256' names a bundle file: verify it."""
-    if isinstance(obj, dict):
-        if "file" in obj and "sha256" in obj:
-            parent, _, key = where.rpartition(".")
-            _file_ref(r, root, {key: obj}, key, parent, optional=False)
-        for k, v in obj.items():
-            if isinstance(v, (dict, list)):
-                _check_cache_files(r, root, v, f"{where}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _check_cache_files(r, root, v, f"{where}[{i}]")
+def _fraction(r: _Reader, obj: dict, key: str, where: str, optional: bool = False) -> float | None:
+    v = r.number(obj, key, where, optional=optional)
+    if v is not None and v > 1.0:
+        raise r.fail(f"{where}.{key}", f"must be a fraction in [0, 1], got {v}")
+    return v
+
+
+def _count(r: _Reader, obj: dict, key: str, where: str) -> int:
+    v = r.get(obj, key, where, int)
+    if v < 1:
+        raise r.fail(f"{where}.{key}", f"must be >= 1, got {v}")
+    return v
+
+
+def _cache(r: _Reader, root: Path, cache: Any, cuts: dict[str, CutSpec]) -> dict[str, CacheSpec]:
+    """Validate plan.json's `cache` section and the centers file it names; the cache per cut."""
+    if not isinstance(cache, dict):
+        raise r.fail("cache", "expected an object or null")
+    rel, _ = _file_ref(r, root, {"cache": cache}, "cache", "", optional=False)
+    pooling = r.get(cache, "pooling", "cache", str)
+    if pooling != POOLING:
+        raise r.fail("cache.pooling", f"'{pooling}' is not supported (this coach pools '{POOLING}'); "
+                                      "upgrade coach or re-run coach plan")
+    target = r.number(cache, "target_precision", "cache")
+    if not 0.0 < target <= 1.0:
+        raise r.fail("cache.target_precision", f"must be in (0, 1], got {target}")
+    entries = r.get(cache, "cuts", "cache", dict)
+    npz = root / rel
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # not a zip, an object array, ...
+        raise BundleError(f"{npz}: not a readable .npz of arrays ({' '.join(str(exc).split())[:120]}); "
+                          "re-run coach plan") from None
+    out = {}
+    for cid, e in entries.items():
+        w = f"cache.cuts.{cid}"
+        if cid not in cuts:
+            raise r.fail(w, f"'{cid}' is not one of the bundle's cuts")
+        if cuts[cid].kind != "interior":
+            raise r.fail(w, f"cut '{cid}' is {cuts[cid].kind}: only an interior cut's head has cut features")
+        k, d = (_count(r, e, key, w) for key in ("num_classes", "dim"))
+        hit = r.number(e, "hit", w, optional=True)
+        band = r.number(e, "band", w, optional=True)
+        band_bits = r.get(e, "band_bits", w, int, optional=True)
+        for key, v in (("hit", hit), ("band", band)):
+            if v is not None and v > 2.0:
+                raise r.fail(f"{w}.{key}", f"a margin threshold lies in [0, 2], got {v}")
+        if (band is None) != (band_bits is None):
+            raise r.fail(f"{w}.band_bits", "band and band_bits must both be set or both be null")
+        if band_bits is not None and band_bits not in BITS:
+            raise r.fail(f"{w}.band_bits", f"{band_bits} is not one of {BITS}")
+        if band is not None and hit is not None and band > hit:
+            raise r.fail(f"{w}.band", f"{band} is above the hit threshold {hit}")
+        held_out = _count(r, e, "held_out", w)
+        spec = {"centers": ((k, d), np.float32), "valid": ((k,), np.bool_)}
+        got = {}
+        for name, (shape, dtype) in spec.items():
+            key = f"{cid}.{name}"
+            if key not in arrays:
+                raise BundleError(f"{npz}: no array '{key}' (named by {r.file} field '{w}')")
+            a = arrays[key]
+            if a.shape != shape or a.dtype != dtype:
+                raise BundleError(f"{npz}: array '{key}' is {a.dtype} {list(a.shape)}; {r.file} field "
+                                  f"'{w}' needs {np.dtype(dtype).name} {list(shape)} (num_classes, dim)")
+            a.setflags(write=False)
+            got[name] = a
+        if not np.isfinite(got["centers"]).all():
+            raise BundleError(f"{npz}: array '{cid}.centers' holds non-finite values")
+        out[cid] = CacheSpec(
+            cut_id=cid, centers=got["centers"], valid=got["valid"], hit=hit, band=band, band_bits=band_bits,
+            target_precision=target, precision=_fraction(r, e, "precision", w, optional=True),
+            hit_rate=_fraction(r, e, "hit_rate", w), band_rate=_fraction(r, e, "band_rate", w),
+            band_drop=r.number(e, "band_drop", w, optional=True, minimum=-100.0), held_out=held_out,
+            pooling=pooling)
+    return out
 
 
 # ---------------------------------------------------------------- load
@@ -389,8 +492,10 @@ def load_bundle(path: str | Path) -> Bundle:
     model = r.get(doc, "model", "", dict)
     name = r.get(model, "name", "model", str)
     model_sha = r.get(model, "sha256", "model", str)
-    inputs = tuple(_tensor(r, t, f"model.inputs[{i}]", False) for i, t in enumerate(r.get(model, "inputs", "model", list)))
-    outputs = tuple(_tensor(r, t, f"model.outputs[{i}]", False) for i, t in enumerate(r.get(model, "outputs", "model", list)))
+    inputs = tuple(_tensor(r, t, f"model.inputs[{i}]", False)
+                   for i, t in enumerate(r.get(model, "inputs", "model", list)))
+    outputs = tuple(_tensor(r, t, f"model.outputs[{i}]", False)
+                    for i, t in enumerate(r.get(model, "outputs", "model", list)))
     if not inputs or not outputs:
         raise r.fail("model.inputs" if not inputs else "model.outputs", "must not be empty")
     _, full_sha = _file_ref(r, root, doc, "full", "", optional=False)
@@ -415,7 +520,8 @@ def load_bundle(path: str | Path) -> Bundle:
             raise r.fail(f"{where}.cut", f"'{row.cut}' is not one of the bundle's cuts")
         c = cuts[row.cut]
         if c.kind != "edge-only" and row.bits not in c.admissible_bits:
-            raise r.fail(f"{where}.bits", f"{row.bits} is not admissible for cut '{row.cut}' ({c.admissible_bits})")
+            raise r.fail(f"{where}.bits",
+                         f"{row.bits} is not admissible for cut '{row.cut}' ({c.admissible_bits})")
 
     rows = []
     for i, obj in enumerate(r.get(doc, "plan_table", "", list)):
@@ -440,10 +546,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if "cache" not in doc:
         raise r.fail("cache", "missing (null when there is no semantic cache)")
     cache = doc["cache"]
-    if cache is not None:
-        if not isinstance(cache, dict):
-            raise r.fail("cache", "expected an object or null")
-        _check_cache_files(r, root, cache, "cache")
+    caches = _cache(r, root, cache, cuts) if cache is not None else {}
 
     return Bundle(
         path=root,
@@ -460,4 +563,5 @@ def load_bundle(path: str | Path) -> Bundle:
         accuracy_budget=budget,
         cache=cache,
         raw=doc,
+        caches=caches,
     )

@@ -98,6 +98,16 @@ def test_verification_catches_a_wrong_tail():
     with pytest.raises(SplitError, match="differs from the full model"):
         verify_split(model.SerializeToString(), split)
 
+    # a wrong head is caught at the cut tensors themselves
+    split = split_model(model, info, cut, types)
+    head_inits = {i.name: i for i in split.head.graph.initializer}
+    name = next(n for n in ("wa", "wb") if n in head_inits)
+    w = numpy_helper.to_array(head_inits[name]).copy()
+    w *= 1.01
+    head_inits[name].CopyFrom(numpy_helper.from_array(w, name))
+    with pytest.raises(SplitError, match="head output"):
+        verify_split(model.SerializeToString(), split)
+
 
 def test_a_cut_that_is_not_closed_is_refused():
     model = two_by_two()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from coach_runtime.errors import UserError
+from edge.gesfi import preprocess
 from edge.gesfi.preprocess import PreprocessConfig, doppler_image
 from models.gesfi.simulate import (
     DOMAIN_VALUES, FACTORS, GESTURES, LOCATIONS, ORIENTATIONS_DEG, ROOMS, USERS, SimConfig, make_scene,
@@ -145,6 +146,7 @@ def make_manifest(spec: DatasetSpec, sim_cfg: SimConfig, pre_cfg: PreprocessConf
         "spec": asdict(spec),
         "simulator": asdict(sim_cfg),
         "preprocess": asdict(pre_cfg),
+        "preprocess_version": getattr(preprocess, "PREPROCESS_VERSION", "unknown"),
         "created_by": "coach gesfi simulate",
     }
 
@@ -163,6 +165,7 @@ def save_dataset(data: GesFiData, out: str | os.PathLike, raw: np.ndarray | None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a dataset is for everyone to read
         arrays = {"X": data.x, "y": data.y, **{f: data.domains[f] for f in FACTORS}}
         np.savez_compressed(tmp / "data.npz", **arrays)
         files = {"data.npz": _sha256(tmp / "data.npz")}

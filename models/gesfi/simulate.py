@@ -78,10 +78,12 @@ class Room:
     seed: int  # places the furniture and the antenna array axes
 
 
+# The deployment is the standard one in every room, give or take a few centimetres and degrees;
+# rooms differ by their multipath (walls, furniture, echoes of the hand) and noise.
 ROOMS = (
     Room("classroom", (8.0, 6.5, 3.2), (3.6, 3.0), 0.45, 14, 30.0, 1.00, 0.0, 11),
-    Room("hall", (14.0, 11.0, 4.5), (6.0, 5.0), 0.30, 6, 33.0, 1.15, 10.0, 22),
-    Room("office", (4.6, 4.2, 2.8), (2.3, 2.1), 0.60, 20, 26.0, 0.85, -8.0, 33),
+    Room("hall", (14.0, 11.0, 4.5), (6.0, 5.0), 0.30, 6, 33.0, 1.04, 4.0, 22),
+    Room("office", (4.6, 4.2, 2.8), (2.3, 2.1), 0.60, 20, 27.0, 0.96, -3.0, 33),
 )
 
 # Standard deployment relative to the sensing-area centre (x, y, z): Tx in one corner, three

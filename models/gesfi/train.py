@@ -49,6 +49,7 @@ class TrainConfig:
     width: int = 16  # channels of the first conv block
     feat_dim: int = 128
     adv_weight: float = 0.5  # max gradient-reversal coefficient of the domain adversary
+    classwise: bool = False  # the domain discriminator sees feature x gesture one-hot (aligns P(f | y))
     domain_factor: str = "location"  # DANN's physical domain labels
     mine_epochs: int = 20  # GesFi step 1
     domain_dim: int = 16  # size of GesFi's domain feature z
@@ -148,7 +149,7 @@ def learn_domain_feature(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: Trai
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot_rec += float(rec)
+            tot_rec += rec.item()
             tot_acc += float((g_logits.argmax(1) == yt[b]).float().mean())
             nb += 1
             step += 1
@@ -203,7 +204,8 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, domains: np.ndarray | None, mod
     params = list(model.parameters())
     if domains is not None:
         n_dom = int(domains.max()) + 1
-        disc = Discriminator(cfg.feat_dim, n_dom)
+        n_cls = int(y.max()) + 1
+        disc = Discriminator(cfg.feat_dim * (n_cls if cfg.classwise else 1), n_dom)
         params += list(disc.parameters())
         dt = torch.from_numpy(domains.astype(np.int64))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -224,14 +226,17 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, domains: np.ndarray | None, mod
             loss = F.cross_entropy(logits, yt[b])
             if disc is not None:
                 lam = adv_lambda(step / total, cfg.adv_weight)
-                d_logits = disc(grad_reverse(feats, lam))
+                f_rev = grad_reverse(feats, lam)
+                if cfg.classwise:  # outer product with the gesture one-hot: one block per gesture
+                    f_rev = (f_rev[:, None, :] * F.one_hot(yt[b], n_cls).float()[:, :, None]).flatten(1)
+                d_logits = disc(f_rev)
                 loss = loss + F.cross_entropy(d_logits, dt[b])
                 s_dacc += float((d_logits.argmax(1) == dt[b]).float().mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            s_loss += float(loss)
+            s_loss += loss.item()
             s_acc += float((logits.argmax(1) == yt[b]).float().mean())
             nb += 1
             step += 1

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)
         onnx_path = export_onnx(res.model, tmp / "model.onnx", data.x.shape)
         probe = data.x[res.val_idx[:64]] if len(res.val_idx) else data.x[:64]
         rel = verify_onnx(res.model, onnx_path, probe)
