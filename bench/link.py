@@ -204,11 +204,11 @@ class _Link:
 class _Side(asyncio.Protocol):
     """One socket of a proxied connection; what it reads goes into `link_out`, towards `peer`."""
 
-    def __init__(self, emu: LinkEmulator, link_out: _Link, link_in: _Link, is_client: bool):
+    def __init__(self, emu: LinkEmulator, link_out: _Link, link_in: _Link, peer: _Side | None):
         self.emu, self.link_out, self.link_in = emu, link_out, link_in
-        self.is_client = is_client  # accepted from a client (vs dialled to the upstream)
+        self.is_client = peer is None  # accepted from a client (vs dialled for that client)
         self.transport: asyncio.Transport | None = None
-        self.peer: _Side | None = None
+        self.peer: _Side | None = peer
         self.writable = True
         self.closed = False
         self.eof_in = False  # this socket sent us EOF
@@ -223,6 +223,8 @@ class _Side(asyncio.Protocol):
         if self.is_client:  # nothing to forward to until the upstream answers
             transport.pause_reading()
             asyncio.ensure_future(self.emu._dial(self))
+        else:  # paired before any byte can arrive (an HTTP/2 server speaks first)
+            self.peer.peer = self
 
     def data_received(self, data: bytes) -> None:
         self.link_out.push(self, memoryview(data))  # sliced without copies on the way
@@ -322,6 +324,8 @@ class LinkEmulator:
 
     # lifecycle
     def start(self) -> LinkEmulator:
+        if self._thread is not None:
+            raise RuntimeError("LinkEmulator already started")
         ready = threading.Event()
         error: list[BaseException] = []
 
@@ -408,7 +412,7 @@ class LinkEmulator:
 
     def _accept(self) -> _Side:
         self._connections += 1
-        return _Side(self, self._links["up"], self._links["down"], is_client=True)
+        return _Side(self, self._links["up"], self._links["down"], peer=None)
 
     async def _dial(self, client: _Side) -> None:
         loop = asyncio.get_running_loop()
@@ -425,7 +429,7 @@ class LinkEmulator:
                 sock.close()
                 raise
             _, upstream = await loop.create_connection(
-                lambda: _Side(self, self._links["down"], self._links["up"], False), sock=sock
+                lambda: _Side(self, self._links["down"], self._links["up"], peer=client), sock=sock
             )
         except OSError as exc:
             self._failed_connects += 1
@@ -436,7 +440,6 @@ class LinkEmulator:
         if client.closed:
             upstream.transport.close()
             return
-        client.peer, upstream.peer = upstream, client
         client.transport.resume_reading()
 
     # observation
@@ -540,9 +543,11 @@ def measure_goodput(
     trace = load_trace(trace)
     fast = "const:1000"  # the direction not measured
     server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)  # the emulator dials it at once; don't hang if it cannot
     stop = threading.Event()
     up, down = (trace, fast) if direction == "up" else (fast, trace)
-    with LinkEmulator(("127.0.0.1", 0), server.getsockname(), up, down, delay_ms, queue_bytes) as emu:
+    emu = LinkEmulator(("127.0.0.1", 0), server.getsockname(), up, down, delay_ms, queue_bytes)
+    with emu:
         client = socket.create_connection(emu.address)
         upstream, _ = server.accept()
         server.close()
@@ -590,7 +595,9 @@ def fidelity(trace: str | Trace, seconds: float, delay_ms: float = 0.0) -> dict:
     """Goodput through the emulator vs the trace's capacity over the same `seconds` (a dict)."""
     g = measure_goodput(trace, seconds, delay_ms=delay_ms)
     out = asdict(g)
-    out["within_10pct"] = bool(abs(g.error) <= 0.10)
+    out["within_10pct"] = bool(abs(g.error) <= 0.10)  # False when the trace had no capacity
+    if g.error != g.error:  # NaN: keep the JSON strict
+        out["error"] = None
     return out
 
 
@@ -624,7 +631,8 @@ def _trace_table(title: str, traces: dict[str, Trace]):
 
     table = Table(title=title)
     for col in ("link", "trace", "period s", "mean Mbit/s", "p5 (1 s)", "p50", "p95", "outage"):
-        table.add_column(col, justify="right" if col not in ("link", "trace") else "left")
+        left = col in ("link", "trace")
+        table.add_column(col, justify="left" if left else "right", no_wrap=left)
     for name, t in traces.items():
         s = trace_stats(t)
         table.add_row(
@@ -660,7 +668,8 @@ def _run_fidelity(args) -> int:
         worst = max((abs(g / c - 1) for g, c in r["per_second"] if c > 0), default=float("nan"))
         table.add_row(
             r["trace"], f"{r['goodput_mbps']:.3f}", f"{r['capacity_mbps']:.3f}",
-            f"{100 * r['error']:+.1f}%", f"{100 * worst:.1f}%", "yes" if r["within_10pct"] else "NO",
+            "n/a" if r["error"] is None else f"{100 * r['error']:+.1f}%", f"{100 * worst:.1f}%",
+            "yes" if r["within_10pct"] else "NO",
         )
     console.print(table)
     path = RESULTS / "link.json"
@@ -693,7 +702,8 @@ def run(args) -> int:
     host, port = emu.address
     console.print(
         f"listening on {host}:{port} -> {args.upstream}, one-way delay {args.delay_ms:g} ms, "
-        f"queue {args.queue_bytes} B per link; Ctrl-C stops"
+        f"queue {args.queue_bytes} B per link; Ctrl-C stops",
+        soft_wrap=True, highlight=False,
     )
     last, last_t = emu.stats(), time.monotonic()
     try:
@@ -701,11 +711,13 @@ def run(args) -> int:
             time.sleep(max(args.report_s, 0.1))
             now, now_t = emu.stats(), time.monotonic()
             dt = now_t - last_t
+            up = 8e-6 * (now["up_bytes"] - last["up_bytes"]) / dt
+            down = 8e-6 * (now["down_bytes"] - last["down_bytes"]) / dt
             console.print(
-                f"[{now['uptime_s']:7.1f} s] up {8e-6 * (now['up_bytes'] - last['up_bytes']) / dt:7.3f}"
-                f" Mbit/s (queued {now['up_queued_bytes']} B), down "
-                f"{8e-6 * (now['down_bytes'] - last['down_bytes']) / dt:7.3f} Mbit/s "
-                f"(queued {now['down_queued_bytes']} B), {now['open_sockets'] // 2} open"
+                f"[{now['uptime_s']:7.1f} s] up {up:7.3f} Mbit/s (queued "
+                f"{now['up_queued_bytes']} B), down {down:7.3f} Mbit/s (queued "
+                f"{now['down_queued_bytes']} B), {now['open_sockets'] // 2} open",
+                soft_wrap=True, highlight=False,
             )
             last, last_t = now, now_t
     except KeyboardInterrupt:

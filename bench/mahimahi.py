@@ -91,7 +91,9 @@ def parse_trace(text: str, name: str = "trace") -> Trace:
             )
         values.append(v)
     if not values or values[-1] <= 0:
-        raise UserError(f"trace {name}: empty, or its last timestamp is 0; it needs a period > 0 ms")
+        raise UserError(
+            f"trace {name}: empty, or its last timestamp is 0; it needs a period > 0 ms"
+        )
     return Trace(name, np.asarray(values, dtype=np.int64), int(values[-1]))
 
 
@@ -145,7 +147,9 @@ def capacity_mbps(trace: Trace, start_ms: float, end_ms: float) -> float:
     return n * PACKET_BYTES * 8 / ((end_ms - start_ms) * 1e3)
 
 
-def windowed_capacity(trace: Trace, window_ms: float, duration_ms: float | None = None) -> np.ndarray:
+def windowed_capacity(
+    trace: Trace, window_ms: float, duration_ms: float | None = None
+) -> np.ndarray:
     """Capacity (Mbit/s) of consecutive windows over one period (or `duration_ms`)."""
     duration_ms = trace.period_ms if duration_ms is None else duration_ms
     edges = np.arange(0.0, duration_ms + 1e-9, window_ms)
@@ -175,7 +179,7 @@ class TraceStats:
 
 
 def trace_stats(trace: Trace, window_s: float = 1.0) -> TraceStats:
-    """Mean and spread of the capacity over windows of `window_s` (one period, at least 10 windows)."""
+    """Mean and spread of the capacity over windows of `window_s` (a period, >= 10 windows)."""
     w = windowed_capacity(trace, window_s * 1e3, max(trace.period_ms, 10 * window_s * 1e3))
     p = percentiles(w, (5, 50, 95))
     return TraceStats(

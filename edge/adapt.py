@@ -156,7 +156,8 @@ def next_decision(
         return decide(mbps, None, cuts, plan, config.return_to_plan), 0
     if not holds(current, mbps, cuts, plan, config.return_to_plan):  # a bubble: down at once
         return decide(mbps, current.cut_id, cuts, plan, config.return_to_plan), 0
-    wanted = decide(mbps / (1 + config.up_margin), current.cut_id, cuts, plan, config.return_to_plan)
+    deflated = mbps / (1 + config.up_margin)
+    wanted = decide(deflated, current.cut_id, cuts, plan, config.return_to_plan)
     need = lambda d: need_mbps(cuts[d.cut_id], d.bits)  # noqa: E731
     if wanted == current or need(wanted) <= need(current):
         return current, 0  # in the dead band
@@ -198,7 +199,8 @@ class AdaptiveQuantizer:
         if estimate_mbps is None or estimate_mbps <= 0:
             if self.decision is None:
                 row = plan_row_for(self.plan, 0.0)
-                self.decision = Decision(row.cut_id, row.bits, "no estimate yet: plan's lowest level")
+                why = "no estimate yet: the plan's lowest level"
+                self.decision = Decision(row.cut_id, row.bits, why)
             return self.decision
         new, self._ups = next_decision(
             self.decision, self._ups, estimate_mbps, self.cuts, self.plan, self.config

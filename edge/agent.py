@@ -212,6 +212,11 @@ class Agent:
         try:
             desc = self.link.describe(timeout_s=self.config.connect_timeout_s)
         except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                self.link.close()
+                self.link = None
+                raise UserError(f"cloud {self.config.cloud} refused this device ({exc.code().name}: "
+                                f"{exc.details()}); check --token and the client certificate") from None
             if not self.config.offline_ok:
                 self.link.close()
                 self.link = None

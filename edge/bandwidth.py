@@ -19,8 +19,9 @@ Two kinds of rate samples, one per request i:
   no one-way sample is made (`calibrated` is False, the estimate None): constant-size requests
   on an idle link with unsynchronised clocks say nothing about its capacity; that is the limit of
   one-way timing. One request that surely queued calibrates it; an edge that must know can send
-  its first three requests back to back (the third surely waits). Cellular links deliver in bursts (several packets in one
-  millisecond), so the fastest transfers are short and the correction small.
+  its first three requests back to back (the third surely waits). Cellular links deliver in
+  bursts (several packets in one millisecond), so the fastest transfers are short and the
+  correction small.
 
 Whether request i queued behind i-1 is decided with D, not B: since D >= B, send_i + D < recv_{i-1}
 means request i surely waited; a request that waited less than the shortest transfer counts as
@@ -62,7 +63,7 @@ class Observation:
 
 @dataclass(frozen=True)
 class Sample:
-    """`nbytes` crossed the link in `seconds` (ending at recv_ns); kind 'dispersion' or 'one-way'."""
+    """`nbytes` crossed the link in `seconds`, ending at recv_ns; kind: dispersion or one-way."""
 
     recv_ns: int
     nbytes: int

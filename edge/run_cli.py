@@ -68,6 +68,7 @@ def run(args) -> int:
     if args.cut and args.cut not in agent.bundle.cuts:
         raise UserError(f"--cut {args.cut}: the bundle has cuts {', '.join(agent.bundle.cuts)}")
     samples = open_source(args.source, agent.inputs)
+    agent.connect()  # an unreachable or mismatched cloud fails here, before any output
     stats, status = RunStats(), StatusLine()
     out = None
     if args.out:
@@ -88,7 +89,7 @@ def run(args) -> int:
     finally:
         if out:
             out.close()
-        if not args.quiet:
+        if not args.quiet and stats.count:
             status.update(stats, agent, force=True)
             status.close()
     summary = stats.summary()

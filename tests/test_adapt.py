@@ -21,8 +21,10 @@ from edge.adapt import (
     PlanRow,
     decide,
     highest_fitting_bits,
+    holds,
+    need_mbps,
+    next_decision,
     plan_row_for,
-    step_bandwidth,
 )
 
 TRACES = ["ATT-LTE-driving-2016.up", "Verizon-LTE-short.up", "TMobile-LTE-short.up"]
@@ -42,10 +44,9 @@ PLAN = [
 ]
 
 
-def need_mbps(d: Decision) -> float:
+def need(d: Decision) -> float:
     """Bandwidth at which a decision just makes no bubble."""
-    cut = BY_ID[d.cut_id]
-    return cut.bytes_by_bits[d.bits] * 8 / (cut.target_ms * 1e3)
+    return need_mbps(BY_ID[d.cut_id], d.bits)
 
 
 def fits(d: Decision, mbps: float) -> bool:
@@ -103,25 +104,26 @@ def test_rule_makes_no_bubble_when_it_can_and_is_monotone():
             if any_fit and d.cut_id in (current, plan_row_for(PLAN, mbps).cut_id):
                 assert fits(d, mbps) or highest_fitting_bits(BY_ID[d.cut_id], mbps) is None
             if decide(mbps, current, BY_ID, PLAN, return_to_plan=False).cut_id == current:
-                needs.append(need_mbps(decide(mbps, current, BY_ID, PLAN, False)))
+                needs.append(need(decide(mbps, current, BY_ID, PLAN, False)))
         assert all(x <= y for x, y in zip(needs, needs[1:]))  # more bandwidth, never fewer bits
 
 
 # ---------------------------------------------------------------- hysteresis
 
 
-def test_step_bandwidth_down_at_once_up_after_hold():
+def test_next_decision_down_at_once_up_after_hold():
     cfg = AdaptConfig(up_margin=0.1, up_hold=3)
-    bw, recent = step_bandwidth(None, [], 10.0, cfg)
-    assert bw == 10.0
-    bw, recent = step_bandwidth(bw, recent, 9.0, cfg)
-    assert bw == 9.0  # down: at once
-    for est in (9.5, 9.8):  # inside the dead band
-        bw, recent = step_bandwidth(bw, recent, est, cfg)
-        assert bw == 9.0 and recent == []
-    for est, want in ((11.0, 9.0), (12.0, 9.0), (10.5, 10.5)):
-        bw, recent = step_bandwidth(bw, recent, est, cfg)
-        assert bw == want  # up: after 3 clear rises, to the smallest of them
+    d, ups = next_decision(None, 0, 14.0, BY_ID, PLAN, cfg)
+    assert (d.cut_id, d.bits, ups) == ("a", 8, 0)
+    d, ups = next_decision(d, ups, 12.0, BY_ID, PLAN, cfg)  # a@8 needs 13.1: bubble
+    assert (d.cut_id, d.bits) == ("a", 6)
+    for est in (13.5, 14.0, 12.5):  # a@8 would fit, but not with the 10 % margin: dead band
+        d, ups = next_decision(d, ups, est, BY_ID, PLAN, cfg)
+        assert (d.bits, ups) == (6, 0)
+    for est, bits in ((15.0, 6), (16.0, 6), (14.6, 8)):  # 3 clear rises in a row
+        d, ups = next_decision(d, ups, est, BY_ID, PLAN, cfg)
+        assert d.bits == bits
+    assert holds(d, 13.2, BY_ID, PLAN) and not holds(d, 13.0, BY_ID, PLAN)
 
 
 def test_noise_around_a_threshold_does_not_flap():
@@ -134,6 +136,7 @@ def test_noise_around_a_threshold_does_not_flap():
         steady.update(est)
     assert plain.changes > 50  # the raw rule flips with the noise
     assert steady.changes <= 2
+    assert steady.decision.bits == 6  # and settles on the safe side
 
 
 def test_drop_is_followed_at_once():
@@ -158,32 +161,45 @@ def test_no_estimate_keeps_a_safe_start():
 # ---------------------------------------------------------------- recorded traces
 
 
+def _rank(x):
+    return np.argsort(np.argsort(x))
+
+
 @pytest.mark.parametrize("name", TRACES)
 def test_decisions_follow_the_bandwidth_of_recorded_traces(name):
-    """Every 100 ms the quantizer gets the trace's capacity of the last 500 ms, with 10 % noise
-    (an estimator's error). Stated: the decision makes no bubble at the true capacity of the next
-    100 ms in >= 80 % of the steps where some decision could; the bandwidth a decision needs rises
-    and falls with the capacity (rank correlation >= 0.6); it uses >= 40 % of the capacity on
-    average (not stuck low); and hysteresis at least halves the number of changes."""
+    """Every 100 ms the quantizer gets the trace's capacity over the last 500 ms with 10 % noise
+    (an estimator's error). Stated, for each trace (measured with seed 11 in brackets):
+    - no bubble at the true capacity the estimate measured in >= 95 % of the steps where some
+      decision could fit (98.4-99.6 %), and at the capacity of the next 500 ms, when the decision
+      is used, in >= 80 % (84-93 %), no worse than the memoryless rule (74-81 %);
+    - the bandwidth a decision needs follows the capacity: rank correlation >= 0.8 (0.85-0.93);
+    - it is not stuck low: it uses >= 50 % of the capacity on average (60-66 %);
+    - hysteresis at least halves the number of changes (116-148 vs 325-435 in 20 minutes)."""
     trace = load_trace(name)
-    step = windowed_capacity(trace, 100.0)  # Mbit/s per 100 ms
-    rng = np.random.default_rng(11)
+    step = windowed_capacity(trace, 100.0)  # Mbit/s per 100 ms over the whole trace
     k = 5
-    est = np.convolve(step, np.ones(k) / k, mode="valid")[:-1]  # last 500 ms, known after it
-    truth = step[k:]  # the next 100 ms, when the decision is used
-    est = est * (1 + 0.10 * rng.standard_normal(est.size))
-    steady = AdaptiveQuantizer(CUTS, PLAN)
-    plain = AdaptiveQuantizer(CUTS, PLAN, AdaptConfig(up_margin=0.0, up_hold=1))
-    decisions = [steady.update(e) for e in est]
-    for e in est:
-        plain.update(e)
-    smallest = min(need_mbps(Decision(c.cut_id, b)) for c in CUTS for b in c.bytes_by_bits)
-    ok = [fits(d, t) for d, t in zip(decisions, truth) if t >= smallest]
-    needs = np.array([need_mbps(d) for d in decisions])
-    rho = np.corrcoef(np.argsort(np.argsort(needs)), np.argsort(np.argsort(truth)))[0, 1]
-    usage = np.mean(np.minimum(needs / np.maximum(truth, 1e-9), 1.0)[truth >= smallest])
-    assert np.mean(ok) >= 0.80, np.mean(ok)
-    assert rho >= 0.6, rho
-    assert usage >= 0.40, usage
+    win = np.convolve(step, np.ones(k) / k, mode="valid")  # win[j]: mean of steps j..j+4
+    now, nxt = win[:-k], win[k:]  # what the estimate measured; the next 500 ms
+    rng = np.random.default_rng(11)
+    est = now * (1 + 0.10 * rng.standard_normal(now.size))
+    smallest = min(need(Decision(c.cut_id, b)) for c in CUTS for b in c.bytes_by_bits)
+    fit = now >= smallest
+
+    def run(config):
+        q = AdaptiveQuantizer(CUTS, PLAN, config)
+        decisions = [q.update(e) for e in est]
+        ok_now = np.mean([fits(d, t) for d, t, f in zip(decisions, now, fit) if f])
+        ok_next = np.mean([fits(d, t) for d, t in zip(decisions, nxt) if t >= smallest])
+        return q, decisions, ok_now, ok_next
+
+    steady, decisions, ok_now, ok_next = run(AdaptConfig())
+    plain, _, _, plain_ok_next = run(AdaptConfig(up_margin=0.0, up_hold=1))
+    needs = np.array([need(d) for d in decisions])
+    rho = np.corrcoef(_rank(needs), _rank(now))[0, 1]
+    usage = np.mean(np.minimum(needs / np.maximum(now, 1e-9), 1.0)[fit])
+    assert ok_now >= 0.95, ok_now
+    assert ok_next >= 0.80 and ok_next >= plain_ok_next, (ok_next, plain_ok_next)
+    assert rho >= 0.8, rho
+    assert usage >= 0.50, usage
     assert steady.changes * 2 <= plain.changes, (steady.changes, plain.changes)
     assert len({d.cut_id for d in decisions}) >= 2  # these traces need more than one cut

@@ -179,7 +179,8 @@ def test_backpressure_bounds_what_the_sender_can_write():
     """A slow link must block the sender instead of swallowing bytes (TCP cannot drop)."""
     server = socket.create_server(("127.0.0.1", 0))
     q = 16 * 1024
-    with LinkEmulator("127.0.0.1:0", server.getsockname(), "const:1", "const:1", queue_bytes=q) as emu:
+    addr = server.getsockname()
+    with LinkEmulator("127.0.0.1:0", addr, "const:1", "const:1", queue_bytes=q) as emu:
         client = socket.socket()
         # the sender's own kernel buffer is the sender's business (Linux lets it grow to
         # tcp_wmem[2], 4 MB, on loopback); keep it small to see the proxy's part
