@@ -1,59 +1,126 @@
 """`coach demo`: the main job end to end on an embedded default, localhost only.
 
-Until the full pipeline demo lands, this runs a real round trip: it starts the cloud service on
-localhost, sends quantized tensors over the bidirectional Stream, and prints what came back.
+1. simulate a small CSI gesture dataset and train a small GesFi model (cached in .cache/demo/);
+2. profile the model here for the edge (core 0) and the cloud (core 1); the edge profile is slowed by
+   EDGE_SLOWDOWN to stand for a Jetson-class board (the live edge agent is slowed the same way);
+3. plan with COACH and the baselines over the levels of a real uplink trace shipped in bench/traces/;
+4. start the cloud service and run the edge agent through the link emulator replaying that trace, on
+   a stream of raw simulated CSI that the edge turns into Doppler images itself, once per method;
+5. print the table and write the report directory (demo-out/).
+The first run makes everything (a few minutes); later runs reuse the cached dataset, model and bundle.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "bench/traces/ATT-LTE-driving-2016.up"
+EDGE_SLOWDOWN = 8.0  # this machine's core vs a Jetson Nano-class CPU running a small CNN (order of magnitude)
+DATA_ARGS = ["--locations", "0-2", "--orientations", "0-2", "--rooms", "0,1", "--users", "0-2", "--reps", "2"]
+STREAM_ARGS = ["--locations", "3", "--orientations", "1", "--rooms", "0", "--users", "0-4", "--reps", "2",
+               "--seed", "7"]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, nargs="+", default=[32, 16, 8, 4, 2], help="bit widths to send")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache/demo", help="where the dataset, model and bundle are kept")
+    p.add_argument("--out", type=Path, default=ROOT / "demo-out", help="report directory")
+    p.add_argument("--trace", default=str(TRACE), help="uplink trace (default: the shipped ATT LTE driving trace)")
+    p.add_argument("--inputs", type=int, default=150, help="inputs per method (default 150)")
+    p.add_argument("--seconds", type=float, default=20.0, help="at most this long per method (default 20)")
+    p.add_argument("--epochs", type=int, default=12, help="GesFi training epochs (default 12)")
+    p.add_argument("--fresh", action="store_true", help="rebuild the dataset, model and bundle")
 
 
-async def _round_trip(bits_list: list[int]) -> list[dict]:
-    import grpc
+def step(msg: str) -> None:
+    print(f"\n[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    from cloud.server import start_server
-    from protos import codec
-    from protos.coach.v1 import coach_pb2 as pb
-    from protos.coach.v1 import coach_pb2_grpc as pb_grpc
 
-    x = np.maximum(np.random.default_rng(0).standard_normal((1, 64, 28, 28)), 0).astype(np.float32)
-    server, port, _ = await start_server()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.CollaborativeInferenceStub(channel)
-            reqs = [pb.InferRequest(request_id=i, model="echo", tensors=[codec.encode(x, b, name="cut")],
-                                    return_outputs=True) for i, b in enumerate(bits_list)]
-            rows = []
-            async for r in stub.Stream(iter(reqs)):
-                if r.error.code:
-                    raise RuntimeError(r.error.message)
-                y = codec.decode(r.outputs[0])
-                b = bits_list[r.request_id]
-                rows.append({"bits": b, "wire_bytes": len(reqs[r.request_id].tensors[0].data),
-                             "max_abs_err": float(np.abs(y - x).max()), "port": port,
-                             "decode_ms": r.timing.decode_ms})
-            return rows
-    finally:
-        await server.stop(grace=1)
+def coach(*args: str, cores: str | None = None) -> None:
+    cmd = [sys.executable, "-m", "coach_runtime.cli", *args]
+    if cores and len(os.sched_getaffinity(0)) >= 2:
+        cmd = ["taskset", "-c", cores, *cmd]
+    r = subprocess.run(cmd, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"coach demo: step failed: coach {' '.join(args)} (exit {r.returncode})")
+
+
+def stream_npz(stream_dir: Path, out: Path) -> None:
+    """The stream's raw CSI with its labels, as an .npz the edge's CSI source reads."""
+    with np.load(stream_dir / "raw.npz", allow_pickle=False) as raw, np.load(stream_dir / "data.npz", allow_pickle=False) as d:
+        csi = raw["csi"]
+        np.savez(out, csi=csi, y=d["y"][: len(csi)])
+
+
+def calibration_npz(data_dir: Path, out: Path, n: int = 400, seed: int = 0) -> None:
+    with np.load(data_dir / "data.npz", allow_pickle=False) as d:
+        idx = np.random.default_rng(seed).permutation(len(d["y"]))[:n]
+        np.savez(out, image=d["X"][idx], label=d["y"][idx])
+
+
+def prepare(args) -> Path:
+    c = args.cache_dir
+    if args.fresh and c.exists():
+        import shutil
+
+        shutil.rmtree(c)
+    c.mkdir(parents=True, exist_ok=True)
+    data, stream, model = c / "data", c / "stream", c / "model"
+    if not (data / "manifest.json").exists():
+        step("simulating the training set (CSI of 6 gestures across locations, orientations, rooms, users)")
+        coach("gesfi", "simulate", "--out", str(data), "--raw", "0", "--workers", "2", "--force", *DATA_ARGS)
+    if not (stream / "manifest.json").exists():
+        step("simulating the test stream (raw CSI, a location the model never saw)")
+        coach("gesfi", "simulate", "--out", str(stream), "--raw", "1000", "--workers", "2", "--force", *STREAM_ARGS)
+    if not (c / "stream.npz").exists():
+        stream_npz(stream, c / "stream.npz")
+    if not (model / "model.onnx").exists():
+        step("training the GesFi model (latent-domain adversarial training), exporting ONNX")
+        coach("gesfi", "train", "--data", str(data), "--method", "gesfi", "--out", str(model), "--epochs",
+              str(args.epochs), "--force")
+    if not (c / "calib.npz").exists():
+        calibration_npz(data, c / "calib.npz")
+    bundle = c / "bundle"
+    if not (bundle / "plan.json").exists():
+        step(f"profiling: edge on core 0 (then x{EDGE_SLOWDOWN:g} to stand for a Jetson), cloud on core 1")
+        coach("profile", str(model / "model.onnx"), "--out", str(c / "edge.json"), "--device-name", "edge", "--runs", "20",
+              cores="0")
+        coach("profile", str(model / "model.onnx"), "--out", str(c / "cloud.json"), "--device-name", "cloud", "--runs", "20",
+              cores="1")
+        step("planning: COACH and the baselines over the trace's bandwidth levels, with calibration")
+        coach("plan", str(model / "model.onnx"), "--model-name", "gesfi", "--out", str(bundle), "--force",
+              "--edge-profile", str(c / "edge.json"), "--cloud-profile", str(c / "cloud.json"),
+              "--edge-slowdown", str(EDGE_SLOWDOWN), "--calibration", str(c / "calib.npz"), "--trace", args.trace)
+    return bundle
 
 
 def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from bench.e2e import evaluate, print_table
 
-    rows = asyncio.run(_round_trip(args.bits))
-    table = Table(title=f"coach demo: echo round trip over gRPC Stream on 127.0.0.1:{rows[0]['port']}, 1x64x28x28 tensor")
-    for col in ("bits", "bytes on the wire", "max |error|", "server decode ms"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["bits"]), str(r["wire_bytes"]), f"{r['max_abs_err']:.4g}", f"{r['decode_ms']:.3f}")
-    Console().print(table)
+    t0 = time.perf_counter()
+    bundle = prepare(args)
+    step(f"running the edge agent through the link emulator ({Path(args.trace).name}) against the cloud service")
+    result = evaluate(bundle, [args.trace], f"csi:{args.cache_dir / 'stream.npz'}", list_methods(), args.inputs,
+                      args.seconds, "const:50", 10.0, args.out,
+                      progress=lambda tr, m: print(f"  {m} ...", flush=True), edge_slowdown=EDGE_SLOWDOWN)
+    result["edge_slowdown"] = EDGE_SLOWDOWN
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    step("results")
+    print_table(result)
+    print(f"\nreport: {args.out}/ (table.md, results.json, latency CDFs, bits and cut over time, pipeline.png); "
+          f"edge slowed x{EDGE_SLOWDOWN:g}; {time.perf_counter() - t0:.0f} s in all")
     return 0
+
+
+def list_methods() -> list[str]:
+    from bench.e2e import METHODS
+
+    return list(METHODS)

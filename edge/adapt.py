@@ -192,15 +192,27 @@ class AdaptiveQuantizer:
                 raise ValueError(f"cut {c.cut_id}: no admissible bit widths")
         self.decision = initial
         self._ups = 0
+        self._last: float | None = None
         self.changes = 0  # how many times the decision changed (for benchmarks)
 
     def update(self, estimate_mbps: float | None) -> Decision:
-        """Take a new estimate (None: no news) and return the decision to use now."""
+        """Take the latest estimate and return the decision to use now.
+
+        None, or the same value as last time (the estimator had nothing new), is no news: it
+        returns the current decision and does not count towards `up_hold`, so callers may ask
+        once per request even when estimates arrive less often.
+        """
+        if estimate_mbps is not None and estimate_mbps == self._last and self.decision is not None:
+            return self.decision
+        if estimate_mbps is not None:
+            self._last = estimate_mbps
         if estimate_mbps is None or estimate_mbps <= 0:
             if self.decision is None:
                 row = plan_row_for(self.plan, 0.0)
+                sizes = self.cuts[row.cut_id].bytes_by_bits
+                bits = row.bits if row.bits in sizes else min(sizes)
                 why = "no estimate yet: the plan's lowest level"
-                self.decision = Decision(row.cut_id, row.bits, why)
+                self.decision = Decision(row.cut_id, bits, why)
             return self.decision
         new, self._ups = next_decision(
             self.decision, self._ups, estimate_mbps, self.cuts, self.plan, self.config

@@ -44,11 +44,13 @@ class AgentConfig:
     cloud: str | None = None  # HOST:PORT; None runs everything on the edge
     providers: list[str] | None = None  # e.g. ["cuda", "cpu"]; default: best available
     threads: int = 1  # onnxruntime intra-op threads for the head
-    max_inflight: int = 3  # requests sent but not answered
+    max_inflight: int = 8  # requests sent but not answered (covers the RTT on a high-latency link)
     deadline_ms: float = 5000.0  # past this an unanswered request is computed locally
+    plan: str = "coach"  # whose plan table to follow: "coach" or a baseline of the bundle ("neurosurgeon", ...)
     bits: int | None = None  # fixed bit width (no adaptation)
     cut: str | None = None  # fixed cut id (no cut switching)
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
+    edge_slowdown: float = 1.0  # stretch edge compute by this factor to stand for a slower board (benchmarks)
     connect_timeout_s: float = 5.0
     offline_ok: bool = False  # start even if the cloud is unreachable (compute locally until it is up)
     link: dict = field(default_factory=dict)  # extra LinkConfig fields: tls_ca, tls_cert, tls_key, token
@@ -102,6 +104,14 @@ class _Item:
     verify_only: bool = False  # a cache hit sent only to check it: its answer is no result
 
 
+def _payload_bytes(cut, bits: int) -> int:
+    """Bytes a request of `cut` carries at `bits`: the plan's figure, else computed from the shapes."""
+    try:
+        return cut.bytes_at(bits)
+    except KeyError:
+        return sum(codec.packed_nbytes(t.elements, bits) for t in cut.tensors)
+
+
 def _top1(logits: np.ndarray) -> tuple[int, float]:
     v = np.asarray(logits, np.float64).reshape(-1)
     p = np.exp(v - v.max())
@@ -139,16 +149,26 @@ class Agent:
     def _make_quantizer(self) -> AdaptiveQuantizer:
         """Adaptive bits (and cut switching) over the plan's cuts; --cut/--bits pin either."""
         b, cfg = self.bundle, self.config
+        if cfg.plan == "coach":
+            table, row_bits = b.plan_table, None
+        elif cfg.plan in b.baselines:  # a baseline sends each cut at the bits of its own plan rows
+            table = b.baselines[cfg.plan]
+            row_bits = {r.cut: r.bits for r in table}
+        else:
+            raise UserError(f"plan '{cfg.plan}': the bundle has coach and {', '.join(b.baselines)}")
         profiles = []
         for cid, c in b.cuts.items():
+            fixed = cfg.bits or (row_bits or {}).get(cid)
             if c.kind == "edge-only":  # nothing crosses the link
-                sizes = {cfg.bits or 32: 0}
-            elif cfg.bits is not None:
-                sizes = {cfg.bits: c.bytes_at(cfg.bits)}
+                sizes = {fixed or 32: 0}
+            elif fixed is not None:
+                sizes = {fixed: _payload_bytes(c, fixed)}
             else:
                 sizes = {q.bits: q.bytes for q in c.quantization if q.admissible}
             profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes))
-        rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in b.plan_table]
+        rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
+        if row_bits is not None:
+            profiles = [p for p in profiles if p.cut_id in row_bits or p.cut_id == cfg.cut]
         if cfg.cut:
             profiles = [p for p in profiles if p.cut_id == cfg.cut]
         return AdaptiveQuantizer(profiles, rows)
@@ -332,7 +352,7 @@ class Agent:
         names = [t.name for t in cut.tensors if t.source != "input"]
         if names:
             item.tensors.update(zip(names, self.heads[cut.id].run(names, item.sample.inputs)))
-        item.head_ms = (time.perf_counter() - t0) * 1e3
+        item.head_ms = self._stretch(t0)
         self._observe(cut.id, edge_ms=item.head_ms)
         cache = self.caches.get(cut.id)
         if cache is not None:
@@ -348,9 +368,17 @@ class Agent:
         item.t_queued = time.perf_counter()
         to_send.put(item)
 
+    def _stretch(self, t0: float) -> float:
+        """Milliseconds since t0, after waiting so that they are edge_slowdown times what they were."""
+        ms = (time.perf_counter() - t0) * 1e3
+        if self.config.edge_slowdown > 1:
+            time.sleep(ms * (self.config.edge_slowdown - 1) / 1e3)
+            ms *= self.config.edge_slowdown
+        return ms
+
     def _answer_from_cache(self, item: _Item, cache: SemanticCache) -> None:
         d = item.cache
-        cache.add_saved(self.bundle.cuts[item.cut].bytes_at(item.bits or 32))
+        cache.add_saved(_payload_bytes(self.bundle.cuts[item.cut], item.bits or 32))
         timing = {"edge_ms": item.head_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,
                   "total_ms": (time.perf_counter() - item.t_capture) * 1e3}
         with self._lock:
@@ -452,7 +480,7 @@ class Agent:
         t0 = time.perf_counter()
         out = self.full.run(None, item.sample.inputs)[0]
         cls, score = _top1(out)
-        edge_ms = (time.perf_counter() - t0) * 1e3 + item.head_ms
+        edge_ms = self._stretch(t0) + item.head_ms
         with self._lock:
             self.stats["fallback" if fallback else "edge"] += 1
         timing = {"edge_ms": edge_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,

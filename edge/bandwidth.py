@@ -80,7 +80,7 @@ class EstimatorConfig:
     window_s: float = 0.5  # samples received within this long before the latest one...
     min_samples: int = 4  # ...and at least this many latest ones
     max_samples: int = 256
-    outlier_factor: float = 4.0  # leave out samples beyond median * f or median / f
+    outlier_factor: float = 4.0  # leave out one-way samples beyond median * f or median / f
     base_window_s: float = 30.0  # window of the minimum delay D
     min_seconds: float = 50e-6  # shortest transfer time a sample may claim
 

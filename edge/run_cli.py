@@ -18,10 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write results as JSON lines here")
     p.add_argument("--providers", help="onnxruntime providers in order, e.g. tensorrt,cuda,cpu (default: best available)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--plan", default="coach",
+                   help="follow this plan table: coach (default) or a baseline of the bundle, e.g. neurosurgeon")
+    p.add_argument("--no-cache", action="store_true", help="switch the semantic cache off")
     p.add_argument("--bits", type=int, help="fixed bit width (disables adaptive quantization)")
     p.add_argument("--cut", help="fixed cut id (disables cut switching)")
     p.add_argument("--compress", choices=["zstd", "lz4"], help="lossless stage on the packed tensor")
-    p.add_argument("--max-inflight", type=int, default=3, help="requests on the wire at once (default 3)")
+    p.add_argument("--max-inflight", type=int, default=8, help="requests on the wire at once (default 8)")
     p.add_argument("--deadline-ms", type=float, default=5000.0, help="compute locally past this (default 5000)")
     p.add_argument("--offline-ok", action="store_true", help="start even if the cloud is unreachable")
     p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the cloud's certificate; enables TLS")
@@ -63,7 +66,8 @@ def run(args) -> int:
                               "token": args.token or os.environ.get("COACH_TOKEN")}.items() if v}
     cfg = AgentConfig(cloud=args.cloud, providers=args.providers.split(",") if args.providers else None,
                       threads=args.threads, max_inflight=args.max_inflight, deadline_ms=args.deadline_ms,
-                      bits=args.bits, cut=args.cut, compress=args.compress, offline_ok=args.offline_ok, link=link)
+                      bits=args.bits, cut=args.cut, compress=args.compress, offline_ok=args.offline_ok, link=link,
+                      plan=args.plan, cache=not args.no_cache)
     agent = Agent(args.bundle, cfg)
     if args.cut and args.cut not in agent.bundle.cuts:
         raise UserError(f"--cut {args.cut}: the bundle has cuts {', '.join(agent.bundle.cuts)}")

@@ -76,7 +76,9 @@ def open_source(spec: str, inputs: Sequence) -> Iterator[Sample]:
 
         if len(inputs) != 1:
             raise UserError(f"source '{spec}': GesFi sources feed one image input; the model has {len(inputs)}")
-        return open_csi_source(spec, inputs[0].name)
+        from edge.gesfi.preprocess import PreprocessConfig
+
+        return open_csi_source(spec, inputs[0].name, PreprocessConfig())
     path = Path(spec)
     if path.is_dir():
         files = sorted(path.glob("*.npz"))

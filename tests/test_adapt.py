@@ -203,3 +203,17 @@ def test_decisions_follow_the_bandwidth_of_recorded_traces(name):
     assert usage >= 0.50, usage
     assert steady.changes * 2 <= plain.changes, (steady.changes, plain.changes)
     assert len({d.cut_id for d in decisions}) >= 2  # these traces need more than one cut
+
+
+def test_repeated_estimate_is_no_news():
+    """Asking once per request with an unchanged estimate must not count as a sustained rise."""
+    q = AdaptiveQuantizer(CUTS, PLAN)
+    q.update(12.0)
+    assert q.decision.bits == 6
+    for _ in range(10):
+        q.update(20.0)  # one new estimate, asked about ten times
+        q.update(None)  # (and the current decision read in between)
+    assert q.decision.bits == 6
+    q.update(20.5)
+    q.update(21.0)
+    assert q.decision.bits == 8  # three distinct clear rises

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ class TrainConfig:
     mine_epochs: int = 20  # GesFi step 1
     domain_dim: int = 16  # size of GesFi's domain feature z
     mine_adv_weight: float = 1.0  # gesture adversary on z
+    mine_on: str = "image"  # what the domain encoder reads: "image" or "features" (of a short ERM run)
+    mine_signal_weight: float = 0.0  # reconstruction error weighted by (0.1 + w * target): Doppler over background
     k: int = 0  # latent domains; 0 = choose by silhouette over 2..k_max
     k_max: int = 8
     val_frac: float = 0.15  # held out of the training domains for in-domain accuracy
@@ -121,44 +123,82 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 # GesFi step 1-2: latent domain mining
 
 
-def learn_domain_feature(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
-                         on_progress: Progress | None = None) -> np.ndarray:
-    """Train the domain encoder (reconstruction given the gesture + gesture adversary); return z (N, d)."""
+def _adversarial_domain_feature(inputs: torch.Tensor, y: torch.Tensor, target: torch.Tensor, enc: nn.Module,
+                                dec: nn.Module, n_classes: int, epochs: int, cfg: TrainConfig,
+                                on_progress: Progress | None) -> np.ndarray:
+    """Class-wise adversarial learning of a domain feature z = enc(inputs).
+
+    Loss: reconstruction of `target` by dec(z, one-hot gesture) (z keeps what the gesture does not
+    explain) + cross-entropy of a gesture discriminator fed z through gradient reversal (z loses
+    what tells the gestures apart).
+    """
     rng = np.random.default_rng(cfg.seed + 1)
-    c, h, w = x.shape[1:]
-    enc = nn.Sequential(Features(c, max(8, cfg.width // 2), 64, (h, w)), nn.Linear(64, cfg.domain_dim))
     gdisc = Discriminator(cfg.domain_dim, n_classes)
-    dec = Decoder(cfg.domain_dim, n_classes, (c, h // 2, w // 2))
     params = [*enc.parameters(), *gdisc.parameters(), *dec.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    target = F.avg_pool2d(xt, 2)
-    onehot = F.one_hot(yt, n_classes).float()
-    steps = cfg.mine_epochs * max(1, len(x) // cfg.batch_size)
+    onehot = F.one_hot(y, n_classes).float()
+    steps = epochs * max(1, len(y) // cfg.batch_size)
     step = 0
-    for ep in range(cfg.mine_epochs):
+    for ep in range(epochs):
         enc.train(), gdisc.train(), dec.train()
         tot_rec = tot_acc = 0.0
         nb = 0
-        for b in _batches(len(x), cfg.batch_size, rng):
+        for b in _batches(len(y), cfg.batch_size, rng):
             lam = adv_lambda(step / steps, cfg.mine_adv_weight)
-            z = enc(xt[b])
-            rec = F.mse_loss(dec(z, onehot[b]), target[b]) * 100.0  # ~ per-pixel error in %^2 / 100
+            z = enc(inputs[b])
+            err = (dec(z, onehot[b]) - target[b]) ** 2
+            if cfg.mine_signal_weight:
+                err = err * (0.1 + cfg.mine_signal_weight * target[b])
+            rec = err.mean() * 100.0
             g_logits = gdisc(grad_reverse(z, lam))
-            loss = rec + F.cross_entropy(g_logits, yt[b])
+            loss = rec + F.cross_entropy(g_logits, y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tot_rec += rec.item()
-            tot_acc += float((g_logits.argmax(1) == yt[b]).float().mean())
+            tot_acc += float((g_logits.argmax(1) == y[b]).float().mean())
             nb += 1
             step += 1
         if on_progress:
-            on_progress("mine", ep + 1, cfg.mine_epochs, {"rec": tot_rec / nb, "gesture_acc_on_z": tot_acc / nb})
+            on_progress("mine", ep + 1, epochs, {"rec": tot_rec / nb, "gesture_acc_on_z": tot_acc / nb})
     enc.eval()
     with torch.no_grad():
-        z = torch.cat([enc(xt[i : i + 512]) for i in range(0, len(x), 512)]).numpy()
-    return z
+        return torch.cat([enc(inputs[i : i + 512]) for i in range(0, len(y), 512)]).numpy()
+
+
+class _FeatureDecoder(nn.Module):
+    def __init__(self, z_dim: int, n_classes: int, out_dim: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(z_dim + n_classes, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+    def forward(self, z: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, y_onehot], dim=1))
+
+
+def learn_domain_feature(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
+                         on_progress: Progress | None = None) -> np.ndarray:
+    """GesFi step 1: the domain feature z (N, domain_dim) of each training sample.
+
+    mine_on="image": a small CNN encoder on the image; the decoder rebuilds the image at half
+    resolution. mine_on="features": a short ERM run first; the encoder (an MLP) works on that
+    classifier's standardised feature and the decoder rebuilds it, so z describes how the domain
+    moves the features the classifier actually uses.
+    """
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    c, h, w = x.shape[1:]
+    if cfg.mine_on == "image":
+        enc = nn.Sequential(Features(c, max(8, cfg.width // 2), 64, (h, w)), nn.Linear(64, cfg.domain_dim))
+        dec = Decoder(cfg.domain_dim, n_classes, (c, h // 2, w // 2))
+        return _adversarial_domain_feature(xt, yt, F.avg_pool2d(xt, 2), enc, dec, n_classes, cfg.mine_epochs,
+                                           cfg, on_progress)
+    pre = GesFiNet(n_classes, c, cfg.width, cfg.feat_dim, (h, w))
+    fit_classifier(x, y, None, pre, replace(cfg, epochs=cfg.mine_epochs, seed=cfg.seed + 3))
+    with torch.no_grad():
+        feats = torch.cat([pre.features(xt[i : i + 512]) for i in range(0, len(x), 512)])
+    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+    enc = nn.Sequential(nn.Linear(cfg.feat_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, cfg.domain_dim))
+    dec = _FeatureDecoder(cfg.domain_dim, n_classes, cfg.feat_dim)
+    return _adversarial_domain_feature(feats, yt, feats, enc, dec, n_classes, 2 * cfg.mine_epochs, cfg, on_progress)
 
 
 def cluster_domains(z: np.ndarray, k: int, k_max: int, seed: int) -> tuple[np.ndarray, int, dict[int, float]]:
