@@ -53,6 +53,7 @@ class Bench:
     link_cores: set[int] | None
     work: Path
     console: object = None
+    gesfi: Path | None = None  # a `coach gesfi train` output directory for part 4
     notes: list[str] = field(default_factory=list)
 
     def print(self, *a, **k) -> None:
@@ -73,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-core", default="cloud", metavar="N|cloud|none",
                    help="core of the link emulator subprocess: a number, 'cloud' (default: the cloud's) or 'none' "
                         "(unpinned)")
+    p.add_argument("--gesfi", type=Path, metavar="DIR",
+                   help="part 4 on this trained GesFi model (`coach gesfi train` output with model.onnx); default: "
+                        "the first one found under models/gesfi or /tmp/gesfi, else a toy squeeze_chain")
     p.add_argument("--keep", metavar="DIR", help="keep the models, bundles and profiles in DIR (default: a temp dir)")
 
 
@@ -420,34 +424,39 @@ class Workload:
 
 
 def _adaptation_workload(b: Bench) -> Workload:
-    from bench.pipeline_models import find_gesfi, smooth_images, squeeze_chain
+    """A trained GesFi ONNX with its data when models/gesfi produced one, else a squeeze_chain."""
+    from bench.pipeline_models import find_gesfi, median_run_ms, smooth_images, squeeze_chain
 
-    found = find_gesfi()
+    n_cal = 100 if b.quick else 200
+    found = find_gesfi(b.gesfi)
     if found is not None:
-        model, data = found
-        with np.load(data, allow_pickle=False) as z:
-            x = z["image"].astype(np.float32)
-            y = z["label"].astype(np.int64) if "label" in z.files else None
         import onnx
 
+        model, x, y = found
         name = onnx.load(str(model), load_external_data=False).graph.input[0].name
-        n_cal = min(300, len(x) // 2)
+        order = np.random.default_rng(0).permutation(len(x))  # the dataset is sorted by domain
+        n_cal = min(n_cal, len(x) // 2)
+        cal_rows, rest = order[:n_cal], order[n_cal:n_cal + (100 if b.quick else 400)]
         cal = b.work / "gesfi-cal.npz"
-        np.savez(cal, **{name: x[:n_cal]}, **({"label": y[:n_cal]} if y is not None else {}))
-        rest = slice(n_cal, None)
+        np.savez(cal, **{name: x[cal_rows]}, **({"label": y[cal_rows]} if y is not None else {}))
         return Workload(f"GesFi ({model})", model, {name: x[rest]}, None if y is None else y[rest], cal)
-    size = 64
-    model = squeeze_chain(b.work / "squeeze.onnx", width=64, size=size, head_depth=6, tail_depth=6, squeeze=1,
-                          readout_inputs=smooth_images(200, size=size, seed=1))
+    size, width, target_ms = 64, 64, 20.0
+    probe = squeeze_chain(b.work / "squeeze-probe.onnx", width=width, size=size, head_depth=3, tail_depth=0)
+    per_layer = median_run_ms(probe, runs=7) / 3.0
+    depth = int(min(24, max(2, round(target_ms / per_layer))))
+    model = squeeze_chain(b.work / "squeeze.onnx", width=width, size=size, head_depth=depth, tail_depth=depth,
+                          squeeze=1, readout_inputs=smooth_images(200, size=size, seed=1))
     cal = b.work / "squeeze-cal.npz"
-    np.savez(cal, input=smooth_images(300, size=size, seed=2))
-    return Workload("squeeze_chain 64ch 64x64, 1-channel bottleneck (no trained GesFi ONNX found)", model,
+    np.savez(cal, input=smooth_images(n_cal, size=size, seed=2))
+    return Workload(f"squeeze_chain {width}ch {size}x{size}, {depth}+{depth} conv layers, 1-channel bottleneck "
+                    "(no trained GesFi ONNX found)", model,
                     {"input": smooth_images(100 if b.quick else 400, size=size, seed=3)}, None, cal)
 
 
 def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | None, w: Workload,
-                  reference: np.ndarray, rate_hz: float) -> dict:
+                  reference: np.ndarray, rate_hz: float, start_mbps: float) -> dict:
     from bench.mahimahi import capacity_mbps, load_trace
+    from edge.adapt import Decision
     from edge.agent import Agent, AgentConfig
 
     link = start_link(trace, cloud_address, cores=b.link_cores)
@@ -455,6 +464,11 @@ def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | 
         cfg = AgentConfig(cloud=link.address, bits=bits, threads=1, cache=False)
         rows = len(reference)
         with Agent(bundle, cfg) as agent:
+            # Work-around (see the report): with no estimate yet the agent starts at the plan's lowest
+            # level, and if that row is edge-only it never sends, so it never gets an estimate. Every
+            # configuration starts instead at the plan row of the trace's median capacity.
+            row = bundle.row_for_bandwidth(start_mbps)
+            agent.quantizer.decision = Decision(row.cut, bits or row.bits, "bench: start at the trace's median")
             t0 = time.perf_counter()
             stop_at = t0 + b.seconds
 
@@ -478,26 +492,27 @@ def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | 
     agree = np.array([r.cls == reference[r.id % rows] for r in results]) if n else np.array([])
     lab = [r.cls == r.label for r in results if r.label is not None]
     lat = [r.timing["total_ms"] for r in results]
-    bits_used: dict[str, int] = {}
+    used: dict[str, int] = {}
     for r in results:
-        key = f"{r.cut}@{r.bits}" if r.where == "cloud" else r.where if r.where != "edge" else f"edge:{r.cut}"
-        bits_used[key] = bits_used.get(key, 0) + 1
-    offered = int(rate_hz * b.seconds)
+        key = f"{r.cut}@{r.bits}" if r.where == "cloud" else f"{r.where}:{r.cut}"
+        used[key] = used.get(key, 0) + 1
     return {
         "bits": bits if bits is not None else "adaptive",
-        "results": n, "offered": offered, "wall_s": wall,
+        "results": n, "offered": int(rate_hz * b.seconds), "wall_s": wall,
         "throughput": n / (arrivals[-1] - t0) if n else 0.0,
         "latency_ms": _stats(lat),
         "agreement": float(agree.mean()) if n else None,
         "label_accuracy": float(np.mean(lab)) if lab else None,
         "where": {k: v for k, v in stats.items() if k in ("cloud", "edge", "cache", "fallback", "late")},
-        "decisions": bits_used, "decision_changes": changes, "final_estimate_mbps": estimate,
+        "decisions": used, "decision_changes": changes, "final_estimate_mbps": estimate,
         "trace_capacity_mbps": capacity_mbps(load_trace(trace), 0.0, b.seconds * 1e3),
     }
 
 
 def part_adaptation(b: Bench) -> dict:
+    from bench.mahimahi import load_trace, trace_stats
     from bench.pipeline_models import full_predictions, plan_doc_summary, plan_pinned, profile_pinned
+    from partitioner.plan_cli import trace_levels
 
     pin_self(b.edge_cores)
     with b.console.status("4. building the workload"):
@@ -507,35 +522,33 @@ def part_adaptation(b: Bench) -> dict:
         edge_prof = profile_pinned(w.model, b.work / "adapt.edge.json", b.edge_cores, "edge-core")
         cloud_prof = profile_pinned(w.model, b.work / "adapt.cloud.json", b.cloud_cores, "cloud-core")
     traces = ["ATT-LTE-driving-2016.up", "Verizon-LTE-short.up"]
-    bundles = {}
-    for t in traces:
-        with b.console.status(f"4. planning for {t} (accuracy measured on the calibration set)"):
-            bundles[t] = plan_pinned(w.model, b.work / f"adapt-{t.split('.')[0]}.bundle", edge_prof, cloud_prof,
-                                     ["--calibration", str(w.calibration), "--bits", "32,16,8,6,4,3,2",
-                                      "--trace", str(TRACES / t), "--levels", "7", "--no-cache"], b.edge_cores)
+    levels = sorted({x for t in traces for x in trace_levels(TRACES / t, 7, 1000.0)[0]})
+    with b.console.status(f"4. planning for both traces' levels ({len(levels)}), accuracy on the calibration set"):
+        bundle = plan_pinned(w.model, b.work / "adapt.bundle", edge_prof, cloud_prof,
+                             ["--calibration", str(w.calibration), "--bits", "32,16,8,6,4,3,2",
+                              "--bandwidth", ",".join(f"{x:g}" for x in levels), "--no-cache"], b.edge_cores)
     with b.console.status("4. the full model's answers on the stream inputs"):
         reference = full_predictions(w.model, w.inputs)
-    budget = next(iter(bundles.values())).accuracy_budget
-    out = {"workload": w.name, "accuracy_budget_pp": budget, "seconds_per_run": b.seconds, "traces": {}}
-    cloud = start_cloud([bd.path for bd in bundles.values()], b.cloud_cores, extra=CLOUD_FLAGS)
+    budget = bundle.accuracy_budget
+    out = {"workload": w.name, "accuracy_budget_pp": budget, "seconds_per_run": b.seconds,
+           "plan": plan_doc_summary(bundle), "traces": {}}
+    _print_plan(b, bundle)
+    cloud = start_cloud(bundle.path, b.cloud_cores, extra=CLOUD_FLAGS)
     try:
         for t in traces:
-            bundle = bundles[t]
-            interior = [r for r in bundle.plan_table if bundle.cuts[r.cut].kind == "interior"]
-            main = max(interior, key=lambda r: sum(1 for x in interior if x.cut == r.cut)) if interior else None
-            main_cut = bundle.cuts[main.cut] if main else None
-            # input rate: what the compute stages could sustain, with 10% to spare
-            busy = max(main_cut.edge_ms, main_cut.cloud_ms) if main_cut else bundle.plan_table[-1].period_ms
-            rate = round(0.9 * 1e3 / busy, 1)
-            admissible = sorted(main_cut.admissible_bits, reverse=True) if main_cut else []
-            widths = [q.bits for q in main_cut.quantization] if main_cut else []
-            over = [x for x in widths if x not in admissible]
+            median = trace_stats(load_trace(t)).p50_mbps
+            row = bundle.row_for_bandwidth(median)
+            main_cut = bundle.cuts[row.cut]
+            # input rate: what the compute stages of the median's plan row sustain, with 10% to spare
+            rate = round(0.9 * 1e3 / max(row.edge_ms, row.cloud_ms), 1)
+            admissible = sorted(main_cut.admissible_bits, reverse=True)
+            over = [q.bits for q in main_cut.quantization if q.bits not in admissible]
             fixed = admissible + ([max(over)] if over else [])  # the admissible widths and the first that is not
             runs = []
             for bits in [None] + fixed:
                 label = "adaptive" if bits is None else f"{bits} bits"
                 with b.console.status(f"4. {t}: {label}, {b.seconds:g} s at {rate:g} Hz"):
-                    r = _run_on_trace(b, bundle, cloud.address, t, bits, w, reference, rate)
+                    r = _run_on_trace(b, bundle, cloud.address, t, bits, w, reference, rate, median)
                 r["admissible"] = bits is None or bits in admissible
                 r["load_average"] = load_average()
                 runs.append(r)
@@ -544,32 +557,43 @@ def part_adaptation(b: Bench) -> dict:
             for r in runs[1:]:
                 if not r["admissible"]:
                     continue
-                better_tput = ada["throughput"] > r["throughput"] * 1.02
-                better_p95 = ada["latency_ms"].get("p95", math.inf) < r["latency_ms"].get("p95", math.inf) * 0.98
-                verdict[f"{r['bits']} bits"] = {"throughput": bool(better_tput), "p95": bool(better_p95),
-                                                "beats": bool(better_tput or better_p95)}
-            out["traces"][t] = {"rate_hz": rate, "main_cut": main.cut if main else None,
-                                "admissible_bits": admissible, "plan": plan_doc_summary(bundle),
-                                "runs": runs, "adaptive_vs_fixed": verdict,
+                tput = ada["throughput"] > r["throughput"] * 1.02
+                p95 = ada["latency_ms"].get("p95", math.inf) < r["latency_ms"].get("p95", math.inf) * 0.98
+                verdict[f"{r['bits']} bits"] = {"throughput": bool(tput), "p95": bool(p95), "beats": bool(tput or p95)}
+            out["traces"][t] = {"rate_hz": rate, "median_mbps": median, "start_row": {"cut": row.cut, "bits": row.bits},
+                                "main_cut": row.cut, "admissible_bits": admissible, "runs": runs,
+                                "adaptive_vs_fixed": verdict,
                                 "adaptive_beats_every_admissible_fixed": all(v["beats"] for v in verdict.values())}
             rows = []
             for r in runs:
+                top = sorted(r["decisions"].items(), key=lambda kv: -kv[1])[:3]
                 rows.append([r["bits"], "yes" if r["admissible"] else "no", f"{r['results']}/{r['offered']}",
                              _f(r["throughput"], 1), _f(r["latency_ms"].get("median"), 1),
                              _f(r["latency_ms"].get("p95"), 1),
                              "-" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%",
                              f"{r['where'].get('cloud', 0)}/{r['where'].get('edge', 0) + r['where'].get('fallback', 0)}",
-                             " ".join(f"{k}:{v}" for k, v in sorted(r["decisions"].items(), key=lambda kv: -kv[1])[:3])])
-            b.print(_table(f"4. {t}: {rate:g} Hz input, {b.seconds:g} s per run, budget {budget:g} pp "
-                           f"(load {load_average()})",
+                             " ".join(f"{k.replace('cut-', '')}:{v}" for k, v in top)])
+            b.print(_table(f"4. {t} (median {median:.2f} Mbit/s): {rate:g} Hz input, {b.seconds:g} s per run, "
+                           f"budget {budget:g} pp, main cut {row.cut} (load {load_average()})",
                            ["bits", "in budget", "results/offered", "req/s", "p50 ms", "p95 ms", "agreement",
                             "cloud/edge", "decisions (cut@bits: count)"], rows))
-            b.print(f"adaptive beats every admissible fixed width (throughput or p95): "
-                    f"{out['traces'][t]['adaptive_beats_every_admissible_fixed']} "
-                    f"({', '.join(f'{k}: {v}' for k, v in verdict.items())})")
+            vs = "; ".join(f"{k}: throughput {v['throughput']}, p95 {v['p95']}" for k, v in verdict.items())
+            b.print(f"adaptive beats every admissible fixed width on throughput or p95: "
+                    f"{out['traces'][t]['adaptive_beats_every_admissible_fixed']} ({vs})")
     finally:
         cloud.stop()
     return out
+
+
+def _print_plan(b: Bench, bundle) -> None:
+    rows = []
+    for r in bundle.plan_table:
+        c = bundle.cuts[r.cut]
+        adm = ",".join(str(x) for x in sorted(c.admissible_bits, reverse=True)) if c.kind != "edge-only" else "-"
+        rows.append([f"{r.bandwidth_mbps:g}", r.cut.replace("cut-", ""), r.bits, r.bytes, _f(r.edge_ms, 1),
+                     _f(r.transfer_ms, 1), _f(r.cloud_ms, 1), _f(r.period_ms, 1), adm])
+    b.print(_table("4. the plan (predicted ms)", ["Mbit/s", "cut", "bits", "bytes", "T_e", "T_t", "T_c", "period",
+                                                  "admissible bits of the cut"], rows))
 
 
 # ---------------------------------------------------------------- 5. fault: kill -9 the cloud
@@ -583,8 +607,9 @@ def part_fault(b: Bench) -> dict:
     pin_self(b.edge_cores)
     path = write_tiny_bundle(b.work / "fault.bundle", channels=16, size=32, classes=10, name="fault")
     bundle = load_bundle(path)
-    n, rate = (300, 50.0) if b.quick else (1000, 50.0)
-    kill_after, down_s = n / rate / 4, 5.0
+    # 1000 requests at 40 Hz: 25 s; kill at 5 s, restart at 10 s (quick: 300 at 30 Hz, down 2 s)
+    n, rate, down_s = (300, 30.0, 2.0) if b.quick else (1000, 40.0, 5.0)
+    kill_after = n / rate / 5
     inputs = _random_inputs(bundle.inputs, 32)
     cloud = start_cloud(path, b.cloud_cores, extra=CLOUD_FLAGS)
     port = cloud.port
@@ -679,11 +704,34 @@ print('MEMORY ' + json.dumps(out))
 """
 
 
+HEADS_ONLY_PROBE = r"""
+import json, sys
+from edge.sessions import load_session
+from protos.bundle import load_bundle
+b = load_bundle(sys.argv[1])
+sessions = [load_session(b.head_path(c), ['CPUExecutionProvider'], 1) for c, s in b.cuts.items() if s.kind == 'interior']
+rss = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
+print('MEMORY ' + json.dumps({'heads_only_kib': rss}))
+"""
+
+
+def _probe(code: str, args: list[str], cores) -> dict:
+    import sys
+
+    from bench.procs import Proc
+
+    p = Proc([sys.executable, "-c", code, *args], cores=cores, name="edge memory probe")
+    rc = p.proc.wait(600)
+    line = next((x for x in p.stdout_lines if x.startswith("MEMORY ")), None)
+    if rc != 0 or line is None:
+        raise RuntimeError(f"the edge memory probe failed (exit {rc}): " + " | ".join(p.stderr_lines[-5:]))
+    return json.loads(line[len("MEMORY "):])
+
+
 def part_memory(b: Bench) -> dict:
     import onnx
 
     from bench.pipeline_models import plan_pinned
-    from bench.procs import Proc
 
     pin_self(b.edge_cores)
     model = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
@@ -696,26 +744,24 @@ def part_memory(b: Bench) -> dict:
     cloud = start_cloud(bundle.path, b.cloud_cores, extra=CLOUD_FLAGS)
     try:
         with b.console.status(f"6. an edge agent process on the bundle, {n} inputs through the cloud"):
-            p = Proc([__import__("sys").executable, "-c", MEMORY_PROBE, str(bundle.path), cloud.address, str(n)],
-                     cores=b.edge_cores, name="edge memory probe")
-            rc = p.proc.wait(600)
+            m = _probe(MEMORY_PROBE, [str(bundle.path), cloud.address, str(n)], b.edge_cores)
     finally:
         cloud.stop()
-    line = next((x for x in p.stdout_lines if x.startswith("MEMORY ")), None)
-    if rc != 0 or line is None:
-        raise RuntimeError(f"the edge memory probe failed (exit {rc}): " + " | ".join(p.stderr_lines[-5:]))
-    m = json.loads(line[len("MEMORY "):])
+    heads_only = _probe(HEADS_ONLY_PROBE, [str(bundle.path)], b.edge_cores)["heads_only_kib"]
     row = bundle.plan_table[0]
     out = {"bundle": {"model": "light_resnet50", "cut": row.cut, "bits": row.bits, "cuts": list(bundle.cuts),
                       "heads_loaded": m["heads"]},
            "vmrss_kib": {k: m[k]["VmRSS"] for k in ("start", "imported", "loaded", "ran")},
-           "vmhwm_kib": m["ran"]["VmHWM"], "where": m["where"], "modules": m["modules"],
-           "torch_loaded": m["torch_loaded"], "requests": n}
+           "vmhwm_kib": m["ran"]["VmHWM"], "heads_only_process_kib": heads_only,
+           "where": m["where"], "modules": m["modules"], "torch_loaded": m["torch_loaded"], "requests": n}
     out["checks"] = {"torch not imported": not m["torch_loaded"]}
-    rows = [[k, f"{v / 1024:.1f}"] for k, v in out["vmrss_kib"].items()] + [["peak (VmHWM)", f"{out['vmhwm_kib'] / 1024:.1f}"]]
-    b.print(_table(f"6. edge agent process on light_resnet50 (plan cut {row.cut} at {row.bits} bits; heads "
-                   f"{', '.join(m['heads']) or 'none'}); torch imported: {m['torch_loaded']}",
-                   ["VmRSS after", "MiB"], rows))
+    b.print(f"6. light_resnet50 bundle: plan cut {row.cut} at {row.bits} bits; the agent loads the heads "
+            f"{', '.join(m['heads']) or 'none'} and full.onnx; modules imported: "
+            f"{', '.join(k for k, v in m['modules'].items() if v) or 'none of ' + ', '.join(m['modules'])}")
+    rows = [[f"agent process: {k}", f"{v / 1024:.1f}"] for k, v in out["vmrss_kib"].items()]
+    rows += [["agent process: peak (VmHWM)", f"{out['vmhwm_kib'] / 1024:.1f}"],
+             ["a process holding only the heads' sessions", f"{heads_only / 1024:.1f}"]]
+    b.print(_table(f"6. resident memory (torch imported: {m['torch_loaded']})", ["VmRSS", "MiB"], rows))
     return out
 
 
@@ -766,6 +812,12 @@ def run(args) -> int:
     if not seconds > 0:
         raise UserError(f"--seconds {args.seconds}: must be positive")
     edge, cloud, link = _cores(args)
+    if args.gesfi is not None and 4 in parts:
+        from bench.pipeline_models import find_gesfi
+
+        if find_gesfi(args.gesfi) is None:
+            raise UserError(f"--gesfi {args.gesfi}: no model.onnx with its dataset (data.npz with X and y) there; "
+                            "train one with `coach gesfi train --out DIR`")
     console = Console(width=max(Console().width, 130))
     if args.keep:
         work = Path(args.keep)
@@ -775,7 +827,7 @@ def run(args) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="coach-pipeline-")
         work = Path(tmp.name)
     b = Bench(quick=args.quick, seconds=seconds, edge_cores=edge, cloud_cores=cloud, link_cores=link,
-              work=work, console=console)
+              work=work, console=console, gesfi=args.gesfi)
     path = RESULTS / "pipeline.json"
     try:
         doc = json.loads(path.read_text()) if path.exists() else {}
@@ -792,6 +844,8 @@ def run(args) -> int:
             t0 = time.perf_counter()
             try:
                 res = PARTS[k](b)
+            except UserError:
+                raise
             except Exception as exc:  # report it, go on with the other parts
                 console.print(f"[red]part {k} ({name}) failed: {type(exc).__name__}: {exc}[/red]")
                 res = {"error": f"{type(exc).__name__}: {exc}"}

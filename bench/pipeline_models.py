@@ -176,19 +176,43 @@ def plan_pinned(model: Path, out: Path, edge_profile: Path | None, cloud_profile
     return load_bundle(out)
 
 
-def find_gesfi() -> tuple[Path, Path] | None:
-    """(model.onnx, dataset .npz with an 'image' array) of a trained GesFi network, if one was produced."""
-    for place in GESFI_PLACES:
-        if not place.is_dir():
-            continue
-        for model in sorted(place.rglob("model.onnx")):
-            for npz in sorted(model.parent.rglob("*.npz")) + sorted(place.rglob("*.npz")):
-                try:
-                    with np.load(npz, allow_pickle=False) as z:
-                        if "image" in z.files and z["image"].ndim == 4:
-                            return model, npz
-                except (OSError, ValueError):
-                    continue
+def _gesfi_data(model: Path) -> Path | None:
+    """The dataset a trained GesFi model came from: metrics.json's data.path, else a data.npz near it."""
+    metrics = model.parent / "metrics.json"
+    places = []
+    if metrics.is_file():
+        try:
+            places.append(Path(json.loads(metrics.read_text())["data"]["path"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    places += [model.parent, model.parent.parent]
+    for place in places:
+        npz = place if place.suffix == ".npz" else place / "data.npz"
+        if npz.is_file():
+            return npz
+    return None
+
+
+def find_gesfi(where: Path | None = None) -> tuple[Path, np.ndarray, np.ndarray | None] | None:
+    """(model.onnx, images, labels) of a trained GesFi network (`coach gesfi train` output) and its
+    dataset (`coach gesfi simulate`: data.npz with X and y), searched in `where` or the usual places."""
+    roots = [where] if where is not None else [p for p in GESFI_PLACES if p.is_dir()]
+    for root in roots:
+        models = [root / "model.onnx"] if (root / "model.onnx").is_file() else sorted(root.rglob("model.onnx"))
+        for model in models:
+            data = _gesfi_data(model)
+            if data is None:
+                continue
+            try:
+                with np.load(data, allow_pickle=False) as z:
+                    x = z["X"] if "X" in z.files else z["image"]
+                    y = z["y"] if "y" in z.files else z["label"] if "label" in z.files else None
+                    x = np.asarray(x, np.float32)
+                    y = None if y is None else np.asarray(y, np.int64)
+            except (OSError, ValueError, KeyError):
+                continue
+            if x.ndim == 4:
+                return model, x, y
     return None
 
 

@@ -50,6 +50,7 @@ class AgentConfig:
     bits: int | None = None  # fixed bit width (no adaptation)
     cut: str | None = None  # fixed cut id (no cut switching)
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
+    probe_interval_s: float = 1.0  # on edge-only, send a pair of inputs through the cloud this often to measure the link
     edge_slowdown: float = 1.0  # stretch edge compute by this factor to stand for a slower board (benchmarks)
     connect_timeout_s: float = 5.0
     offline_ok: bool = False  # start even if the cloud is unreachable (compute locally until it is up)
@@ -138,13 +139,16 @@ class Agent:
         self.quantizer = self._make_quantizer()
         self.caches = self._make_caches() if self.config.cache else {}
         self.link: CloudLink | None = None
-        self.stats = {"cloud": 0, "edge": 0, "cache": 0, "fallback": 0, "late": 0, "bytes": 0, "reconnects": 0}
+        # bytes: requests answered by the cloud; verify_bytes: cache hits also sent to check them
+        self.stats = {"cloud": 0, "edge": 0, "cache": 0, "fallback": 0, "late": 0, "bytes": 0, "verify_bytes": 0,
+                      "reconnects": 0}
         self._lock = threading.Lock()
         self._pending: dict[int, _Item] = {}
         self._slots = threading.Semaphore(self.config.max_inflight)
         self._results: queue.Queue = queue.Queue()
         self._local: queue.Queue = queue.Queue()
         self._next_id = 0
+        self._probe_left, self._last_probe = 0, -1e9
 
     def _make_quantizer(self) -> AdaptiveQuantizer:
         """Adaptive bits (and cut switching) over the plan's cuts; --cut/--bits pin either."""
@@ -340,7 +344,7 @@ class Agent:
                 nxt += 1
 
     def _compute_head(self, item: _Item, to_send: queue.Queue) -> None:
-        decision = self._decide()
+        decision = self._probe(self._decide())
         cut = self.bundle.cuts[decision.cut_id]
         item.cut, item.bits = cut.id, decision.bits
         if cut.kind == "edge-only" or self.link is None or not self.link.up:
@@ -368,6 +372,27 @@ class Agent:
         item.t_queued = time.perf_counter()
         to_send.put(item)
 
+    def _probe(self, d: Decision) -> Decision:
+        """On edge-only nothing crosses the link, so nothing measures it: now and then send two inputs
+        back to back through the next plan level's cut (real work, answered by the cloud); the second
+        queues behind the first, which gives the bandwidth estimator its sample."""
+        b, cfg = self.bundle, self.config
+        if (b.cuts[d.cut_id].kind != "edge-only" or cfg.cut or cfg.plan != "coach" or self.link is None
+                or not self.link.up):
+            return d
+        now = time.perf_counter()
+        if self._probe_left == 0 and now - self._last_probe >= cfg.probe_interval_s:
+            self._probe_left, self._last_probe = 2, now
+        if self._probe_left == 0:
+            return d
+        est = self.estimator.estimate_mbps() or 0.0
+        above = [r for r in b.plan_table if r.bandwidth_mbps > est and b.cuts[r.cut].kind != "edge-only"]
+        if not above:
+            return d
+        self._probe_left -= 1
+        row = above[0]
+        return Decision(row.cut, cfg.bits or row.bits, "probe: measuring the link from edge-only")
+
     def _stretch(self, t0: float) -> float:
         """Milliseconds since t0, after waiting so that they are edge_slowdown times what they were."""
         ms = (time.perf_counter() - t0) * 1e3
@@ -378,7 +403,8 @@ class Agent:
 
     def _answer_from_cache(self, item: _Item, cache: SemanticCache) -> None:
         d = item.cache
-        cache.add_saved(_payload_bytes(self.bundle.cuts[item.cut], item.bits or 32))
+        if not d.verify:  # a verified hit is sent all the same
+            cache.add_saved(_payload_bytes(self.bundle.cuts[item.cut], item.bits or 32))
         timing = {"edge_ms": item.head_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,
                   "total_ms": (time.perf_counter() - item.t_capture) * 1e3}
         with self._lock:
@@ -445,6 +471,8 @@ class Agent:
         if item.feature is not None:
             self.caches[item.cut].observe(item.feature, top.index, item.cache)
         if item.verify_only:
+            with self._lock:
+                self.stats["verify_bytes"] += item.nbytes
             return  # its result, from the cache, is out already
         timing = {"edge_ms": item.head_ms, "encode_ms": item.encode_ms, "wire_ms": wire_ms,
                   "cloud_ms": st.decode_ms + st.compute_ms,

@@ -58,7 +58,7 @@ def _read(path: str | None) -> bytes | None:
 def make_channel(cfg: LinkConfig) -> grpc.Channel:
     opts = [("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
     if cfg.tls_ca or cfg.tls_cert:
         creds = grpc.ssl_channel_credentials(_read(cfg.tls_ca), _read(cfg.tls_key), _read(cfg.tls_cert))
         return grpc.secure_channel(cfg.target, creds, options=opts)

@@ -68,6 +68,12 @@ def run(args) -> int:
                       threads=args.threads, max_inflight=args.max_inflight, deadline_ms=args.deadline_ms,
                       bits=args.bits, cut=args.cut, compress=args.compress, offline_ok=args.offline_ok, link=link,
                       plan=args.plan, cache=not args.no_cache)
+    import signal
+
+    def stop(*_):  # systemd stops with SIGTERM: finish like Ctrl-C (results written so far are kept)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     agent = Agent(args.bundle, cfg)
     if args.cut and args.cut not in agent.bundle.cuts:
         raise UserError(f"--cut {args.cut}: the bundle has cuts {', '.join(agent.bundle.cuts)}")

@@ -4,10 +4,15 @@ Per input, the pooled cut feature (protos.semantic.pool) is compared with the cl
   margin >= hit threshold           -> "hit": answer from the cache, send nothing
   band threshold <= margin < hit    -> "band": send with the band's (lower) bits
   otherwise                         -> "full": send at the adaptive bits
-Context for streams: the feature is smoothed over consecutive inputs (EMA), and when a feature
-barely moves from the previous one the previous answer is reused. Centers follow the cloud's
-answers (momentum). A fraction of hits is still sent to the cloud to verify them; when the verified
-precision falls below target the hit threshold tightens, and it relaxes slowly when above.
+Context for streams: the feature is smoothed over consecutive inputs (EMA) while they stay alike
+(closer to each other than any two class centers are; a jump to another class restarts the
+average), and when a feature barely moves from the previous one the previous answer is reused.
+Centers follow the cloud's answers (momentum). A fraction of hits is still sent to the cloud to
+verify them, and each verified hit moves the hit threshold: a wrong one raises it by a factor
+(1 + s), a right one lowers it by (1 + s) ** ((1 - target) / target), never below the calibrated
+threshold. The steps are multiplicative (margins differ in scale from model to model) and balance
+exactly where the precision of hits is the target: below it the threshold climbs, above it it
+relaxes slowly. The verified precision reported is over the last `window` verified hits.
 All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
 """
 
@@ -30,12 +35,15 @@ class CacheConfig:
     band_bits: int | None
     target_precision: float = 0.99
     smoothing: float = 0.0  # EMA weight of the previous smoothed feature (0: off)
+    context_similarity: float | None = None  # smooth only while cos(f, smoothed) > this (None: the
+    # largest cosine between two class centers)
     reuse_similarity: float | None = None  # reuse the last answer when cos(f, f_prev) >= this (None: off)
     momentum: float | None = 0.99  # center update weight of the old center (None: no online update)
     verify_fraction: float = 0.1  # share of hits also sent to the cloud
-    window: int = 50  # verified hits over which precision is measured
-    tighten_step: float = 0.02  # threshold raise when precision is below target
-    relax_step: float = 0.002  # threshold decrease when precision is above target
+    window: int = 50  # verified hits over which the reported precision is measured
+    tighten_step: float = 0.25  # relative threshold raise on a wrong verified hit
+    relax_step: float | None = None  # relative decrease on a right one (None: balanced at the target, see above)
+    min_step: float = 1e-3  # smallest raise (a threshold of 0 still moves)
     max_hit: float = 2.0  # margins lie in [0, 2]
     seed: int = 0
 
@@ -61,6 +69,9 @@ class SemanticCache:
         self._smoothed: np.ndarray | None = None
         self._last: tuple[np.ndarray, int] | None = None  # (feature, answer) of the previous input
         self._verified: deque[bool] = deque(maxlen=config.window)
+        self._gate = config.context_similarity
+        if self._gate is None:
+            self._gate = _closest_centers(self.centers, self.valid)
         self.counts = {"hit": 0, "band": 0, "full": 0, "reused": 0, "verified": 0, "verified_ok": 0}
         self.bytes_saved = 0
         self.history: list[tuple[int, float, float | None]] = []  # (inputs seen, hit threshold, precision)
@@ -74,7 +85,7 @@ class SemanticCache:
         c = self.config
         with self._lock:
             f = feature
-            if c.smoothing and self._smoothed is not None:
+            if c.smoothing and self._smoothed is not None and float(self._smoothed @ feature) > self._gate:
                 f = normalize(c.smoothing * self._smoothed + (1 - c.smoothing) * feature)
             self._smoothed = f
             if c.reuse_similarity is not None and self._last is not None:
@@ -119,18 +130,18 @@ class SemanticCache:
                 self._verified.append(ok)
                 self.counts["verified"] += 1
                 self.counts["verified_ok"] += int(ok)
-                self._adjust()
+                self._adjust(ok)
 
-    def _adjust(self) -> None:
+    def _adjust(self, ok: bool) -> None:
         c = self.config
-        if len(self._verified) < min(10, c.window):
-            return
-        prec = sum(self._verified) / len(self._verified)
-        if prec < c.target_precision:
-            self.hit = min(c.max_hit, self.hit + c.tighten_step)
-            self._verified.clear()  # judge the new threshold on fresh evidence
+        if ok:
+            relax = c.relax_step
+            if relax is None:
+                relax = (1 + c.tighten_step) ** ((1 - c.target_precision) / c.target_precision) - 1
+            self.hit = max(self._floor, self.hit / (1 + relax))
         else:
-            self.hit = max(self._floor, self.hit - c.relax_step)
+            self.hit = min(c.max_hit, max(self.hit * (1 + c.tighten_step), self.hit + c.min_step))
+        prec = sum(self._verified) / len(self._verified)
         self.history.append((sum(self.counts[k] for k in ("hit", "band", "full")), self.hit, prec))
 
     def add_saved(self, nbytes: int) -> None:
@@ -144,3 +155,12 @@ class SemanticCache:
             return {"hit_rate": self.counts["hit"] / seen if seen else 0.0,
                     "verified_precision": self.counts["verified_ok"] / v if v else None,
                     "hit_threshold": self.hit, "bytes_saved": self.bytes_saved, **self.counts}
+
+
+def _closest_centers(centers: np.ndarray, valid: np.ndarray) -> float:
+    """The largest cosine between two valid class centers (1.0, i.e. no smoothing, with fewer than two)."""
+    c = centers[valid]
+    if len(c) < 2:
+        return 1.0
+    sims = c @ c.T
+    return float(sims[~np.eye(len(c), dtype=bool)].max())

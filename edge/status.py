@@ -1,4 +1,5 @@
-"""Running figures of an edge run and the live status line (throughput, p50/p95, bits, cut, bandwidth)."""
+"""Running figures of an edge run and the live status line (throughput, p50/p95, bits, cut, bandwidth,
+and the semantic cache's hit rate, verified precision and hit threshold)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class StatusLine:
         line = (f"{stats.count} done  {stats.throughput():.1f}/s  p50 {np.percentile(lat, 50):.1f} ms  "
                 f"p95 {np.percentile(lat, 95):.1f} ms  cut {agent.decision.cut_id}  bits {agent.decision.bits}  "
                 f"bw {'?' if est is None else f'{est:.2f}'} Mbit/s  cloud {link}  "
-                f"where {' '.join(f'{k}={v}' for k, v in sorted(stats.where.items()))}")
+                f"where {' '.join(f'{k}={v}' for k, v in sorted(stats.where.items()))}{cache_text(agent)}")
         if self.tty:
             self.stream.write("\r\033[K" + line)
         else:
@@ -76,3 +77,13 @@ class StatusLine:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def cache_text(agent) -> str:
+    """'  cache hit 63% prec 98.5% thr 0.0181' for the cut in use ('' when it has no cache)."""
+    cache = getattr(agent, "caches", {}).get(agent.decision.cut_id)
+    if cache is None:
+        return ""
+    t = cache.telemetry()
+    prec = "?" if t["verified_precision"] is None else f"{100 * t['verified_precision']:.1f}%"
+    return f"  cache hit {100 * t['hit_rate']:.0f}% prec {prec} thr {t['hit_threshold']:.4f}"

@@ -15,33 +15,30 @@ import numpy as np
 import pytest
 
 from bench.load_bench import ServerProcess
-from bench.toy_models import conv_chain
 from edge.agent import Agent, AgentConfig
 from edge.sources import open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def coach(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "coach_runtime.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+@pytest.fixture(scope="module")
+def bundle(toy_bundle):
+    return toy_bundle
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    d = tmp_path_factory.mktemp("agent")
-    model = conv_chain(d / "conv.onnx", channels=16, size=24, depth=4)
-    out = d / "bundle"
-    r = coach("plan", str(model), "--out", str(out), "--bits", "32,8", "--bandwidth", "2,50", "--runs", "3",
-              "--edge-slowdown", "3")
-    assert r.returncode == 0, r.stderr
-    return out
+def interior(bundle):
+    """The plan's interior cut: tests of the mechanics pin it, so the adaptive policy can't go edge-only."""
+    from protos.bundle import load_bundle
+
+    return next(c.id for c in load_bundle(bundle).cuts.values() if c.kind == "interior")
 
 
 @pytest.fixture
 def cloud(bundle):
     srv = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0"])
     yield srv
+    print("cloud stderr:", *srv.stderr_lines[-20:], sep="\n  ")  # shown by pytest when a test fails
     if srv.proc.poll() is None:
         srv.proc.kill()
         srv.proc.wait()
@@ -54,8 +51,8 @@ def local_classes(bundle, samples):
     return [int(np.argmax(s.run(None, x.inputs)[0])) for x in samples]
 
 
-def test_results_in_order_exactly_once_and_equal_to_the_full_model(bundle, cloud):
-    agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{cloud.port}", bits=32, cache=False))
+def test_results_in_order_exactly_once_and_equal_to_the_full_model(bundle, cloud, interior):
+    agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{cloud.port}", bits=32, cut=interior, cache=False))
     with agent:
         results = list(agent.run(open_source("synthetic:60", agent.inputs)))
     assert [r.id for r in results] == list(range(60))
@@ -66,10 +63,11 @@ def test_results_in_order_exactly_once_and_equal_to_the_full_model(bundle, cloud
     assert t["total_ms"] >= t["edge_ms"] and t["wire_ms"] >= 0 and t["cloud_ms"] > 0
 
 
-def test_cloud_killed_midway_then_restarted(bundle, cloud, tmp_path):
+def test_cloud_killed_midway_then_restarted(bundle, cloud, interior):
     """kill -9 the cloud while requests are in flight, restart it: every input answered once, in order."""
     port = cloud.port
-    agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{port}", cache=False, deadline_ms=2000))
+    agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{port}", cut=interior, cache=False, deadline_ms=2000,
+                                      link={"backoff_max_s": 0.5}))
     results, restarted = [], {}
 
     def chaos():
@@ -84,14 +82,15 @@ def test_cloud_killed_midway_then_restarted(bundle, cloud, tmp_path):
     t = threading.Thread(target=chaos, daemon=True)
     t.start()
     with agent:
-        for r in agent.run(open_source("synthetic:400", agent.inputs), rate_hz=100):
+        for r in agent.run(open_source("synthetic:800", agent.inputs), rate_hz=100):
             results.append(r)
     t.join(30)
     try:
-        assert [r.id for r in results] == list(range(400))
+        assert [r.id for r in results] == list(range(800))
         where = [r.where for r in results]
         assert "edge" in where  # computed locally while the cloud was away
-        assert where[-1] == "cloud" and agent.stats["reconnects"] >= 1  # collaboration resumed
+        after = where[restarted["at"]:]
+        assert agent.stats["reconnects"] >= 1 and "cloud" in after  # collaboration resumed
         assert agent.stats["fallback"] == where.count("edge")
     finally:
         srv = restarted.get("srv")
@@ -100,16 +99,26 @@ def test_cloud_killed_midway_then_restarted(bundle, cloud, tmp_path):
             srv.proc.wait()
 
 
-def test_deadline_computes_locally_and_drops_late_answers(bundle, cloud):
-    agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{cloud.port}", cache=False, deadline_ms=0.01))
-    with agent:
-        results = list(agent.run(open_source("synthetic:40", agent.inputs)))
-    assert [r.id for r in results] == list(range(40))
-    assert agent.stats["fallback"] + agent.stats["cloud"] == 40
-    assert agent.stats["fallback"] > 0
+def test_slow_cloud_past_the_deadline_is_computed_locally(bundle, cloud, interior):
+    """300 ms each way between edge and cloud, a 200 ms deadline: every input is computed locally,
+    exactly once, and the cloud's late answers are dropped."""
+    from bench.link import LinkEmulator
+
+    emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", cloud.port), "const:50", "const:50", delay_ms=300).start()
+    try:
+        agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, deadline_ms=200,
+                                          bits=32, cut=interior, connect_timeout_s=10))
+        with agent:
+            results = list(agent.run(open_source("synthetic:20", agent.inputs), rate_hz=20))
+            time.sleep(1.0)  # let the late answers arrive
+        assert [r.id for r in results] == list(range(20))
+        assert agent.stats["fallback"] == 20 and agent.stats["cloud"] == 0
+        assert agent.stats["late"] > 0
+    finally:
+        emu.stop()
 
 
-def test_cli_resumes_without_duplicating(bundle, cloud, tmp_path):
+def test_cli_resumes_without_duplicating(coach, bundle, cloud, tmp_path):
     out = tmp_path / "res.jsonl"
     r = coach("edge", "run", "--bundle", str(bundle), "--cloud", f"127.0.0.1:{cloud.port}",
               "--source", "synthetic:30", "--out", str(out), "--quiet")
@@ -123,7 +132,7 @@ def test_cli_resumes_without_duplicating(bundle, cloud, tmp_path):
     assert ids == list(range(30))
 
 
-def test_unreachable_cloud_is_one_line_exit_2(bundle):
+def test_unreachable_cloud_is_one_line_exit_2(coach, bundle):
     r = coach("edge", "run", "--bundle", str(bundle), "--cloud", "127.0.0.1:9", "--source", "synthetic:3")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
@@ -136,7 +145,7 @@ def test_offline_ok_computes_locally(bundle):
     assert [r.where for r in results] == ["edge"] * 5
 
 
-def test_damaged_bundle_is_one_line_exit_2(bundle, tmp_path):
+def test_damaged_bundle_is_one_line_exit_2(coach, bundle, tmp_path):
     import shutil
 
     bad = tmp_path / "bad"
@@ -148,7 +157,7 @@ def test_damaged_bundle_is_one_line_exit_2(bundle, tmp_path):
     assert "head.onnx" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_source_is_one_line_exit_2(bundle, tmp_path):
+def test_bad_source_is_one_line_exit_2(coach, bundle, tmp_path):
     npz = tmp_path / "x.npz"
     np.savez(npz, input=np.zeros((2, 3, 5, 5), np.float32))
     r = coach("edge", "run", "--bundle", str(bundle), "--source", str(npz))
@@ -165,7 +174,7 @@ def test_edge_path_never_imports_torch(bundle):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_tls_and_token_from_the_edge(bundle, tmp_path):
+def test_tls_and_token_from_the_edge(coach, bundle, tmp_path, interior):
     from cloud.auth import add_device
     from cloud.certs import make_dev_certs
 
@@ -179,7 +188,8 @@ def test_tls_and_token_from_the_edge(bundle, tmp_path):
                          "--tokens", str(tokens)])
     try:
         tls = {"tls_ca": str(certs / "ca.pem"), "tls_cert": str(certs / "client.pem"), "tls_key": str(certs / "client.key")}
-        ok = Agent(bundle, AgentConfig(cloud=f"localhost:{srv.port}", cache=False, link={**tls, "token": token}))
+        ok = Agent(bundle, AgentConfig(cloud=f"localhost:{srv.port}", cut=interior, cache=False,
+                                       link={**tls, "token": token}))
         with ok:
             results = list(ok.run(open_source("synthetic:5", ok.inputs)))
         assert [r.where for r in results] == ["cloud"] * 5

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adv-weight", type=float, default=None, help="max gradient-reversal weight (default 0.5)")
     parser.add_argument("--k-sweep", default="", help="also run GesFi with these K on one split, e.g. '2,3,4,6,8'")
     parser.add_argument("--k-sweep-split", default="orientation", help="split for the K sweep (default orientation)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (default 1: many short runs; 2 threads spin badly on a busy machine)")
 
 
 def _pct(m: float, s: float | None = None) -> str:

@@ -175,7 +175,9 @@ def room_devices(room: Room) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     rx = np.stack(
         [center + _rot2(np.array(p) * [room.layout_scale, room.layout_scale, 1], room.layout_rot_deg) for p in RX_LAYOUT]
     )
-    angles = rng.uniform(0, np.pi, size=len(rx))
+    # antenna arrays broadside to the transmitter (the standard deployment), +-10 degrees per room
+    to_tx = tx[None, :2] - rx[:, :2]
+    angles = np.arctan2(to_tx[:, 1], to_tx[:, 0]) + np.pi / 2 + np.deg2rad(rng.uniform(-10, 10, size=len(rx)))
     axis = np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)], axis=1)
     lo, hi = np.array([0.2, 0.2, 0.2]), np.array(room.size) - 0.2
     pts = []

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,8 +54,6 @@ class TrainConfig:
     mine_epochs: int = 20  # GesFi step 1
     domain_dim: int = 16  # size of GesFi's domain feature z
     mine_adv_weight: float = 1.0  # gesture adversary on z
-    mine_on: str = "image"  # what the domain encoder reads: "image" or "features" (of a short ERM run)
-    mine_signal_weight: float = 0.0  # reconstruction error weighted by (0.1 + w * target): Doppler over background
     k: int = 0  # latent domains; 0 = choose by silhouette over 2..k_max
     k_max: int = 8
     val_frac: float = 0.15  # held out of the training domains for in-domain accuracy
@@ -98,7 +96,7 @@ def adv_lambda(p: float, weight: float) -> float:
 
 def _batches(n: int, bs: int, rng: np.random.Generator) -> list[np.ndarray]:
     perm = rng.permutation(n)
-    nb = max(1, n // bs)  # drop the ragged last batch (batch norm dislikes batches of 1)
+    nb = max(1, n // bs)  # the ragged remainder joins the last batch (batch norm dislikes batches of 1)
     return [perm[i * bs : (i + 1) * bs] if i < nb - 1 else perm[i * bs :] for i in range(nb)]
 
 
@@ -146,10 +144,7 @@ def _adversarial_domain_feature(inputs: torch.Tensor, y: torch.Tensor, target: t
         for b in _batches(len(y), cfg.batch_size, rng):
             lam = adv_lambda(step / steps, cfg.mine_adv_weight)
             z = enc(inputs[b])
-            err = (dec(z, onehot[b]) - target[b]) ** 2
-            if cfg.mine_signal_weight:
-                err = err * (0.1 + cfg.mine_signal_weight * target[b])
-            rec = err.mean() * 100.0
+            rec = F.mse_loss(dec(z, onehot[b]), target[b]) * 100.0  # per-pixel error in %^2 / 100
             g_logits = gdisc(grad_reverse(z, lam))
             loss = rec + F.cross_entropy(g_logits, y[b])
             opt.zero_grad(set_to_none=True)
@@ -166,39 +161,18 @@ def _adversarial_domain_feature(inputs: torch.Tensor, y: torch.Tensor, target: t
         return torch.cat([enc(inputs[i : i + 512]) for i in range(0, len(y), 512)]).numpy()
 
 
-class _FeatureDecoder(nn.Module):
-    def __init__(self, z_dim: int, n_classes: int, out_dim: int, hidden: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(z_dim + n_classes, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
-
-    def forward(self, z: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z, y_onehot], dim=1))
-
-
 def learn_domain_feature(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
                          on_progress: Progress | None = None) -> np.ndarray:
     """GesFi step 1: the domain feature z (N, domain_dim) of each training sample.
 
-    mine_on="image": a small CNN encoder on the image; the decoder rebuilds the image at half
-    resolution. mine_on="features": a short ERM run first; the encoder (an MLP) works on that
-    classifier's standardised feature and the decoder rebuilds it, so z describes how the domain
-    moves the features the classifier actually uses.
+    The encoder is a small CNN on the image; the decoder rebuilds the image at half resolution.
     """
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     c, h, w = x.shape[1:]
-    if cfg.mine_on == "image":
-        enc = nn.Sequential(Features(c, max(8, cfg.width // 2), 64, (h, w)), nn.Linear(64, cfg.domain_dim))
-        dec = Decoder(cfg.domain_dim, n_classes, (c, h // 2, w // 2))
-        return _adversarial_domain_feature(xt, yt, F.avg_pool2d(xt, 2), enc, dec, n_classes, cfg.mine_epochs,
-                                           cfg, on_progress)
-    pre = GesFiNet(n_classes, c, cfg.width, cfg.feat_dim, (h, w))
-    fit_classifier(x, y, None, pre, replace(cfg, epochs=cfg.mine_epochs, seed=cfg.seed + 3))
-    with torch.no_grad():
-        feats = torch.cat([pre.features(xt[i : i + 512]) for i in range(0, len(x), 512)])
-    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
-    enc = nn.Sequential(nn.Linear(cfg.feat_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, cfg.domain_dim))
-    dec = _FeatureDecoder(cfg.domain_dim, n_classes, cfg.feat_dim)
-    return _adversarial_domain_feature(feats, yt, feats, enc, dec, n_classes, 2 * cfg.mine_epochs, cfg, on_progress)
+    enc = nn.Sequential(Features(c, max(8, cfg.width // 2), 64, (h, w)), nn.Linear(64, cfg.domain_dim))
+    dec = Decoder(cfg.domain_dim, n_classes, (c, h // 2, w // 2))
+    return _adversarial_domain_feature(xt, yt, F.avg_pool2d(xt, 2), enc, dec, n_classes, cfg.mine_epochs, cfg,
+                                       on_progress)
 
 
 def cluster_domains(z: np.ndarray, k: int, k_max: int, seed: int) -> tuple[np.ndarray, int, dict[int, float]]:
@@ -286,8 +260,31 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, domains: np.ndarray | None, mod
         history.append(rec)
         if on_progress:
             on_progress("train", ep + 1, cfg.epochs, rec)
+    recalibrate_batchnorm(model, xt, cfg.batch_size)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch: int) -> None:
+    """Recompute batch-norm running statistics as exact averages over x with the final weights.
+
+    The running averages lag behind the weights during training; with few steps (small data) the
+    eval-mode network can be far off its training-mode self. One forward pass fixes that.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for i in range(0, len(x), batch):
+        if len(x) - i > 1:
+            model(x[i : i + batch])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
 
 
 def train(data: GesFiData, idx: np.ndarray | None, cfg: TrainConfig,
@@ -319,6 +316,3 @@ def _dense(labels: np.ndarray) -> np.ndarray:
     """Relabel to 0..n-1 (a held-out domain leaves a gap)."""
     return np.unique(labels, return_inverse=True)[1].astype(np.int64)
 
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -1,0 +1,73 @@
+"""Faults on the link and a scan for pickle: every input still yields exactly one result."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.link import LinkEmulator
+from bench.mahimahi import parse_trace
+from edge.agent import Agent, AgentConfig
+from edge.sources import open_source
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cut_trace(up_s: float, cut_s: float, period_s: float, per_ms: int = 4) -> str:
+    """A mahimahi trace: `per_ms` packets every ms (48 Mbit/s), except no delivery at all in
+    [up_s, up_s + cut_s): the network is cut for `cut_s` seconds, then comes back."""
+    lines = []
+    for t in range(int(period_s * 1000)):
+        if not (up_s * 1000 <= t < (up_s + cut_s) * 1000):
+            lines += [str(t)] * per_ms
+    return "\n".join(lines) + "\n"
+
+
+def test_link_cut_for_5_seconds(toy_bundle):
+    """The link emulator delivers nothing for 5 s mid-run (TCP stays up, bytes wait): requests past
+    their deadline are computed locally, late answers are dropped, and the cloud is used again after."""
+    from bench.load_bench import ServerProcess
+
+    bundle = toy_bundle
+    srv = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0"])
+    trace = parse_trace(cut_trace(up_s=2.0, cut_s=5.0, period_s=60.0), name="cut")
+    emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", srv.port), trace, "const:50").start()
+    try:
+        from protos.bundle import load_bundle
+
+        cut = next(c.id for c in load_bundle(bundle).cuts.values() if c.kind == "interior")
+        agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, deadline_ms=500, bits=32,
+                                          cut=cut))
+        t0 = time.perf_counter()
+        results, when = [], []
+        with agent:
+            for r in agent.run(open_source("synthetic:400", agent.inputs), rate_hz=40):
+                results.append(r)
+                when.append(time.perf_counter() - t0)
+        assert [r.id for r in results] == list(range(400))  # every input, once, in order
+        during = [r.where for r, t in zip(results, when) if 3.0 < t < 6.5]
+        after = [r.where for r, t in zip(results, when) if t > 8.5]
+        assert during and all(w == "edge" for w in during)  # the cut: computed on the device
+        assert after and after.count("cloud") > 0.8 * len(after)  # the link is back: collaboration
+        assert agent.stats["late"] > 0 or agent.stats["fallback"] > 0
+    finally:
+        emu.stop()
+        srv.proc.kill()
+        srv.proc.wait()
+
+
+def test_no_pickle_anywhere():
+    """No pickle on the wire or in bundles: the source never imports it nor allows it in numpy."""
+    pattern = re.compile(r"^\s*(import pickle|from pickle|import cPickle)|allow_pickle\s*=\s*True|pickle\.loads?\(")
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in (".venv", "build") or rel.name == "test_faults.py":
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{rel}:{i}: {line.strip()}")
+    assert not offenders, "pickle in the source:\n" + "\n".join(offenders)
