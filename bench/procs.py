@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -189,19 +188,3 @@ def start_link(up: str, upstream: str, down: str = "const:1000", cores: set[int]
     argv = coach_argv("bench", "link", "--up", up, "--down", down, "--listen", "127.0.0.1:0",
                       "--upstream", upstream, "--delay-ms", str(delay_ms), "--report-s", "3600")
     return Link(argv, cores=cores, ready=LINK_READY, timeout_s=timeout_s, name="coach bench link")
-
-
-def wait_port_free(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> bool:
-    """True once nothing listens on host:port (a killed server's port can be bound again)."""
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-                return True
-            except OSError:
-                time.sleep(0.1)
-    return False

@@ -2,17 +2,20 @@
 
 Per input, the pooled cut feature (protos.semantic.pool) is compared with the class centers:
   margin >= hit threshold           -> "hit": answer from the cache, send nothing
-  band threshold <= margin < hit    -> "band": send with the band's (lower) bits
+  band threshold <= margin < hit    -> "band": send with the band's (lower) bits (below the
+                                       calibrated hit threshold only)
   otherwise                         -> "full": send at the adaptive bits
 Context for streams: the feature is smoothed over consecutive inputs (EMA) while they stay alike
 (closer to each other than any two class centers are; a jump to another class restarts the
 average), and when a feature barely moves from the previous one the previous answer is reused.
 Centers follow the cloud's answers (momentum). A fraction of hits is still sent to the cloud to
 verify them, and each verified hit moves the hit threshold: a wrong one raises it by a factor
-(1 + s), a right one lowers it by (1 + s) ** ((1 - target) / target), never below the calibrated
-threshold. The steps are multiplicative (margins differ in scale from model to model) and balance
-exactly where the precision of hits is the target: below it the threshold climbs, above it it
-relaxes slowly. The verified precision reported is over the last `window` verified hits.
+(1 + s), and past (1 + s) times its own margin (a confident mistake, as after a domain shift, says
+that hits need more than that margin); a right one lowers it by (1 + s) ** ((1 - target) / target),
+never below the calibrated threshold. The steps are multiplicative (margins differ in scale from
+model to model) and balance where the precision of hits is the target (above it when mistakes come
+at margins well above the threshold): below the target the threshold climbs, above it it relaxes
+slowly. The verified precision reported is over the last `window` verified hits.
 All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
 """
 
@@ -41,7 +44,7 @@ class CacheConfig:
     momentum: float | None = 0.99  # center update weight of the old center (None: no online update)
     verify_fraction: float = 0.1  # share of hits also sent to the cloud
     window: int = 50  # verified hits over which the reported precision is measured
-    tighten_step: float = 0.25  # relative threshold raise on a wrong verified hit
+    tighten_step: float = 0.1  # relative threshold raise on a wrong verified hit (and past its margin)
     relax_step: float | None = None  # relative decrease on a right one (None: balanced at the target, see above)
     min_step: float = 1e-3  # smallest raise (a threshold of 0 still moves)
     max_hit: float = 2.0  # margins lie in [0, 2]
@@ -99,7 +102,9 @@ class SemanticCache:
             cls, margin = int(cls[0]), float(margin[0])
             if margin >= self.hit:
                 outcome = "hit"
-            elif c.band_bits is not None and margin >= c.band:
+            elif c.band_bits is not None and c.band <= margin < self._floor:
+                # (the band's bits were calibrated below the calibrated hit threshold only: what a
+                # tightened threshold no longer answers goes at full precision, not at band bits)
                 outcome = "band"
             else:
                 outcome = "full"
@@ -130,9 +135,9 @@ class SemanticCache:
                 self._verified.append(ok)
                 self.counts["verified"] += 1
                 self.counts["verified_ok"] += int(ok)
-                self._adjust(ok)
+                self._adjust(ok, decision.margin)
 
-    def _adjust(self, ok: bool) -> None:
+    def _adjust(self, ok: bool, margin: float) -> None:
         c = self.config
         if ok:
             relax = c.relax_step
@@ -140,7 +145,10 @@ class SemanticCache:
                 relax = (1 + c.tighten_step) ** ((1 - c.target_precision) / c.target_precision) - 1
             self.hit = max(self._floor, self.hit / (1 + relax))
         else:
-            self.hit = min(c.max_hit, max(self.hit * (1 + c.tighten_step), self.hit + c.min_step))
+            up = max(self.hit * (1 + c.tighten_step), self.hit + c.min_step)
+            if np.isfinite(margin):  # (a reused answer has no margin)
+                up = max(up, margin * (1 + c.tighten_step))
+            self.hit = min(c.max_hit, up)
         prec = sum(self._verified) / len(self._verified)
         self.history.append((sum(self.counts[k] for k in ("hit", "band", "full")), self.hit, prec))
 

@@ -34,7 +34,7 @@ def test_every_ablation_step_runs_with_its_own_settings(quick):
     rows = {r["config"]: r for r in w["ablation"]}
     assert list(rows) == [label for label, _ in cache_bench.ABLATION]
     n = res["workloads"]["digits"]["ablation"][0]["inputs"]
-    assert n == 100 and all(r["inputs"] == n for r in rows.values())  # exactly one result per input
+    assert n == 80 and all(r["inputs"] == n for r in rows.values())  # exactly one result per input
     base = rows["no cache"]
     assert base["hit_rate"] == 0 and base["where"]["cache"] == 0 and base["bytes_sent"] > 0
     for label in ("centers", "+ context", "+ update", "+ bits"):
@@ -113,7 +113,8 @@ def test_threshold_controller_balances_at_the_target_precision():
 
     cache = _cache(target_precision=0.98, tighten_step=0.25, momentum=None)
     f = np.array([1, 0, 0, 0], np.float32)
-    right, wrong = CacheDecision("hit", 0, 0.5, verify=True), CacheDecision("hit", 1, 0.5, verify=True)
+    # mistakes at the threshold's own margin: plain multiplicative steps
+    right, wrong = CacheDecision("hit", 0, 0.5, verify=True), CacheDecision("hit", 1, 0.1, verify=True)
     for _ in range(4):
         cache.observe(f, 0, wrong)
     assert cache.hit == pytest.approx(0.1 * 1.25**4)
@@ -126,6 +127,22 @@ def test_threshold_controller_balances_at_the_target_precision():
     assert cache.hit == pytest.approx(0.1)
     seen, thr, prec = cache.history[-1]
     assert prec == 1.0 and len(cache.history) == 4 + 4 * 49 + 100
+
+
+def test_a_confident_mistake_lifts_the_threshold_past_its_margin():
+    import numpy as np
+
+    from edge.semantic_cache import CacheDecision
+
+    cache = _cache(tighten_step=0.1, momentum=None)
+    f = np.array([1, 0, 0, 0], np.float32)
+    g = np.array([0.6, 0.4, 0, 0], np.float32) / np.hypot(0.6, 0.4)  # margin 0.28
+    assert cache.decide(g).outcome == "hit"
+    cache.observe(f, 1, CacheDecision("hit", 0, 0.6, verify=True))  # wrong, with margin 0.6
+    assert cache.hit == pytest.approx(0.66)
+    assert cache.decide(g).outcome == "full"
+    cache.observe(f, 1, CacheDecision("hit", 0, float("nan"), verify=True, reused=True))  # no margin: a plain step
+    assert cache.hit == pytest.approx(0.66 * 1.1)
 
 
 def test_smoothing_does_not_blend_across_a_class_change():
@@ -161,3 +178,17 @@ def test_status_line_shows_the_cache_of_the_cut_in_use():
     assert "cache hit 100%" in out.getvalue()
     agent.decision.cut_id = "edge-only"  # a cut without a cache: nothing about it
     assert cache_text(agent) == ""
+
+
+def test_band_bits_stay_below_the_calibrated_hit_threshold():
+    import numpy as np
+
+    from edge.semantic_cache import CacheDecision
+
+    cache = _cache(hit=0.3, band=0.05, band_bits=2, momentum=None)
+    g = np.array([0.6, 0.4, 0, 0], np.float32) / np.hypot(0.6, 0.4)  # margin 0.28: in the band
+    assert cache.decide(g).outcome == "band"
+    cache.observe(g, 1, CacheDecision("hit", 0, 0.5, verify=True))  # a confident mistake: hit -> 0.55
+    h = np.array([0.7, 0.3, 0, 0], np.float32) / np.hypot(0.7, 0.3)  # margin 0.52: no longer a hit
+    assert cache.decide(h).outcome == "full"  # and not sent at 2 bits either
+    assert cache.decide(g).outcome == "band"

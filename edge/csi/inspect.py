@@ -39,12 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge.gesfi.preprocess import for_format
+
     if args.scale < 1 or args.scale > 64:
         raise UserError(f"--scale must be in 1..64, got {args.scale}")
     cfg = PreprocessConfig(fs=args.fs)
     path = Path(args.file)
     caps = load_receivers(path, args.fmt, args.fs, args.allow_truncated)
     cap = caps[0]
+    cfg = for_format(cfg, cap.format)
     _print_summary(path, args.fmt, caps, cfg)
     if args.image:
         t0 = min(max(0.0, args.start), max(0.0, span_s(cap) - cfg.window_s))

@@ -11,8 +11,9 @@ Per receiver (one NIC with >= 2 receive antennas):
    when its static part dominates, the ratio is a Moebius map of the moving path's phasor that keeps
    the direction of rotation, so the sign of the Doppler survives. Bad entries (zero, NaN, Inf,
    a near-zero denominator, huge outliers) are masked and repaired by interpolation over time.
-   Each chain's per-packet gain is normalised (per-chain AGC), and subcarriers where the
-   denominator is faded are weighted down (there the Doppler would come out mirrored).
+   For NICs with per-chain AGC (Atheros: cfg.chain_agc, set by the CSI source from the format)
+   each chain's per-packet gain is normalised; subcarriers where the denominator is faded are
+   weighted down (there the Doppler would come out mirrored).
 2. Band filter: |Doppler| in band_hz (a real Butterworth filter on the complex signal keeps +f and
    -f alike). band_hz[0] == 0 keeps the static (0 Hz) part.
 3. Subcarrier combination: PCA over subcarriers of the band-limited ratio (the Doppler of the
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the images change for the same CSI and config, so datasets built with an older
 # preprocessing can be told apart (train/serve skew).
-PREPROCESS_VERSION = "2"
+PREPROCESS_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class PreprocessConfig:
     nperseg: int = 256  # STFT segment (samples)
     nfft: int = 256  # STFT FFT length (>= nperseg)
     dynamic_range_db: float = 40.0  # image shows [max - range, max] dB mapped to [0, 1]
+    # Normalise each receive chain's per-packet gain: for NICs with per-chain AGC (Atheros), whose
+    # |ratio| jumps from packet to packet. Off otherwise: over a narrow band the moving path itself
+    # changes the per-packet level, and normalising that away mirrors the Doppler (+f and -f alike).
+    chain_agc: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.band_hz
@@ -140,7 +145,14 @@ def choose_pair(csi: np.ndarray) -> tuple[int, int, int]:
     return int(order[1]), int(order[0]), best_tx
 
 
-def csi_ratio(csi: np.ndarray, pair: tuple[int, int] | None = None) -> np.ndarray:
+def for_format(cfg: "PreprocessConfig", fmt: str) -> "PreprocessConfig":
+    """The config for captures of a given reader format: per-chain AGC normalisation for Atheros."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, chain_agc=fmt.split(":")[0] == "atheros") if fmt else cfg
+
+
+def csi_ratio(csi: np.ndarray, pair: tuple[int, int] | None = None, chain_agc: bool = False) -> np.ndarray:
     """CSI ratio (T, S) complex64 between two receive antennas: csi[..., pair[0], tx] / csi[..., pair[1], tx].
 
     pair=None chooses by signal quality (choose_pair). With one receive antenna, the ratio is taken
@@ -169,19 +181,19 @@ def csi_ratio(csi: np.ndarray, pair: tuple[int, int] | None = None) -> np.ndarra
         if T >= 3:  # a column identical in every packet is firmware filler, not a channel
             q[(x == x[:1]).all(axis=0)] = 0.0
         return pair_ratio(x, np.repeat(x[:, [int(np.argmax(q))]], S, axis=1), normalise=False)
-    return pair_ratio(num, den)
+    return pair_ratio(num, den, chain_agc=chain_agc)
 
 
-def pair_ratio(num: np.ndarray, den: np.ndarray, normalise: bool = True) -> np.ndarray:
+def pair_ratio(num: np.ndarray, den: np.ndarray, normalise: bool = True, chain_agc: bool = False) -> np.ndarray:
     """num / den (T, S) complex64, safely, in few passes over the data.
 
     - Entries that are NaN/Inf, or whose denominator is below 1e-3 of its typical amplitude, or
       whose |ratio| is over 20x typical (a denominator in a deep fade), are masked and repaired by
       interpolation over time (repair_gaps).
-    - normalise: each chain's per-packet gain is normalised, i.e. the ratio is multiplied by
-      rms(den) / rms(num) over subcarriers. Some NICs (Atheros) apply AGC per receive chain, which
-      makes |ratio| jump from packet to packet; a moving path changes the rms over many
-      subcarriers very little, so its Doppler survives.
+    - chain_agc (with normalise): each chain's per-packet gain is normalised, i.e. the ratio is
+      multiplied by rms(den) / rms(num) over subcarriers. Some NICs (Atheros) apply AGC per receive
+      chain, which makes |ratio| jump from packet to packet. Only for those: over a narrow band a
+      moving path changes that rms coherently, and normalising it mirrors the Doppler.
     - normalise: subcarriers where the denominator is faded are weighted down by
       (level / median level)^2, capped at 1 (level: the denominator's median amplitude there).
       Where its static part is faded the moving path can outweigh it, and the ratio's Doppler comes
@@ -221,7 +233,8 @@ def pair_ratio(num: np.ndarray, den: np.ndarray, normalise: bool = True) -> np.n
         level = np.sqrt(np.median(pd[::step], axis=0))  # (S,)
         lref = float(np.median(level))
         weight = np.clip(level / lref, 1e-3, 1.0) ** 2 if lref > 0 else np.ones_like(level)
-        ratio *= gain[:, None]
+        if chain_agc:
+            ratio *= gain[:, None]
         ratio *= weight[None, :].astype(np.float32)
     return repair_gaps(ratio, good)
 
@@ -396,7 +409,7 @@ def doppler_spectrogram(csi: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndar
 
     Returns (freqs (F,) Hz ascending in [-fmax, fmax], times (W,) s, power (F, W) float64, not normalised).
     """
-    ratio = csi_ratio(csi)
+    ratio = csi_ratio(csi, chain_agc=cfg.chain_agc)
     return stft_power(pca_components(ratio, cfg), cfg)
 
 

@@ -38,6 +38,7 @@ from coach_runtime.errors import UserError
 from edge.csi import CSICapture, UDPSource, interp_at, read_csi, read_npz_receivers
 from edge.csi.capture import finish_capture
 from edge.csi.formats import FormatError
+from edge.gesfi.preprocess import for_format
 from edge.gesfi.preprocess import PreprocessConfig, doppler_image
 from edge.sample import Sample
 
@@ -138,7 +139,7 @@ def _file_images(path: Path, cfg: PreprocessConfig, fmt: str | None, spec: str):
             raise UserError(f"{path}: cannot read as npz ({msg})") from None
         return _npz_receivers(path, rx, ts, fs, extras, cfg)
     cap = read_csi(path, fmt)
-    return _capture_images(cap, cfg)
+    return _capture_images(cap, for_format(cfg, cap.format))
 
 
 def _npz_images(path: Path, cfg: PreprocessConfig):
