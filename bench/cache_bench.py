@@ -143,10 +143,11 @@ def prepared(work: Path, name: str, recipe: dict, make, rebuild: bool) -> Path:
     return d
 
 
-def plan_bundle(model: Path, name: str, calib: Path, out: Path, args, log: Path, runs: int) -> None:
+def plan_bundle(model: Path, name: str, calib: Path, out: Path, args, log: Path) -> None:
+    quick = ["--runs", "3", "--no-timing"] if args.quick else []  # (the smoke test: less profiling)
     coach("plan", str(model), "--out", str(out), "--model-name", name, "--calibration", str(calib),
           "--cache-precision", str(args.cache_precision), "--edge-slowdown", str(args.edge_slowdown),
-          "--trace", str(args.trace), "--runs", str(runs), log=log)
+          "--trace", str(args.trace), *quick, log=log)
 
 
 def gesfi_data(spec: dict):
@@ -171,7 +172,7 @@ def make_gesfi(d: Path, args, log: Path) -> None:
     a, b = (gesfi_data(s) for s in GESFI_DRIFT)
     np.savez(d / "drift.npz", image=np.concatenate([a.x, b.x]), label=np.concatenate([a.y, b.y]), switch=len(a.y))
     print("  gesfi: planning the bundle", flush=True)
-    plan_bundle(d / "model/model.onnx", "gesfi-cache-bench", d / "calib.npz", d / "bundle", args, log, runs=10)
+    plan_bundle(d / "model/model.onnx", "gesfi-cache-bench", d / "calib.npz", d / "bundle", args, log)
 
 
 def digits_split(seed: int = 0):
@@ -244,8 +245,7 @@ def make_digits(d: Path, args, epochs: int, stream_n: int | None, log: Path) -> 
     drift = np.concatenate([x8[test], shifted_noisy(x8[test])])  # the test digits, then the same moved
     np.savez(d / "drift.npz", image=sensor(drift), label=np.concatenate([y[test], y[test]]), switch=len(test))
     print("  digits: planning the bundle", flush=True)
-    plan_bundle(d / "model/model.onnx", "digits-cache-bench", d / "calib.npz", d / "bundle", args, log,
-                runs=3 if args.quick else 10)
+    plan_bundle(d / "model/model.onnx", "digits-cache-bench", d / "calib.npz", d / "bundle", args, log)
 
 
 def prepare(name: str, args) -> Workload:
@@ -256,14 +256,15 @@ def prepare(name: str, args) -> Workload:
         recipe = {**common, "train": GESFI_TRAIN, "calib": GESFI_CALIB, "stream": GESFI_STREAM, "drift": GESFI_DRIFT,
                   "sources": source_stamp("models/gesfi/simulate.py", "models/gesfi/dataset.py",
                                           "edge/gesfi/preprocess.py", "models/gesfi/train.py", "models/gesfi/net.py")}
-        d = prepared(args.work, "gesfi", recipe, lambda t, log: make_gesfi(t, args, log), args.rebuild)
+        d = prepared(args.work, "gesfi-quick" if args.quick else "gesfi", recipe,
+                     lambda t, log: make_gesfi(t, args, log), args.rebuild)
         about = {"model": "GesFi CNN trained here (coach gesfi train, 12 epochs) on simulated CSI",
                  "train_domains": GESFI_TRAIN, "calibration": f"fresh draws of the training domains (seed "
                  f"{GESFI_CALIB['seed']})", "stream": "unseen locations 3-4, users 0-4, recording order",
                  "stream_domains": GESFI_STREAM, "drift": "seen domains, then unseen locations 3-4",
                  "drift_domains": GESFI_DRIFT}
     elif name == "digits":
-        epochs, n = (6, 120) if args.quick else (15, None)
+        epochs, n = (4, 120) if args.quick else (15, None)
         recipe = {**common, "epochs": epochs, "stream_n": n, "split": "800/500/497 seed 0",
                   "net": "32x32 input, 3 conv blocks, linear 1024-128-1024-1024-10",
                   "drift": "test digits, then the same shifted right 1 px with noise 0.1"}

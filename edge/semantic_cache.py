@@ -91,15 +91,17 @@ class SemanticCache:
             if c.smoothing and self._smoothed is not None and float(self._smoothed @ feature) > self._gate:
                 f = normalize(c.smoothing * self._smoothed + (1 - c.smoothing) * feature)
             self._smoothed = f
+            cls, margin, _ = margins(f[None], self.centers, self.valid)
+            cls, margin = int(cls[0]), float(margin[0])
             if c.reuse_similarity is not None and self._last is not None:
+                # Context may confirm, never override: pooled ReLU features of different classes can
+                # sit close in cosine, so the previous answer is reused only where the centers agree.
                 prev, answer = self._last
-                if float(prev @ feature) >= c.reuse_similarity:
+                if float(prev @ feature) >= c.reuse_similarity and answer == cls:
                     self._last = (feature, answer)
                     self.counts["hit"] += 1
                     self.counts["reused"] += 1
-                    return CacheDecision("hit", answer, float("nan"), verify=self._verify_draw(), reused=True)
-            cls, margin, _ = margins(f[None], self.centers, self.valid)
-            cls, margin = int(cls[0]), float(margin[0])
+                    return CacheDecision("hit", answer, margin, verify=self._verify_draw(), reused=True)
             if margin >= self.hit:
                 outcome = "hit"
             elif c.band_bits is not None and c.band <= margin < self._floor:

@@ -113,14 +113,18 @@ def test_online_update_moves_centers_and_is_thread_safe():
     assert tel["hit"] + tel["band"] + tel["full"] == 900
 
 
-def test_temporal_reuse_answers_repeated_features():
+def test_temporal_reuse_answers_repeated_features_only_where_the_centers_agree():
     x, y = clusters(100)
     c = build_centers(x, y, y, 5)
     cache = SemanticCache(c.centers, c.valid, CacheConfig(hit=5.0, band=5.0, band_bits=None, reuse_similarity=0.999))
     d1 = cache.decide(x[0])
-    assert d1.outcome == "full"
-    cache.observe(x[0], 3, d1)
-    d2 = cache.decide(x[0])  # the same window again: the previous answer is reused
-    assert d2.outcome == "hit" and d2.reused and d2.cls == 3
-    d3 = cache.decide(-x[0])
-    assert d3.outcome == "full"
+    assert d1.outcome == "full"  # the hit threshold is out of reach: only context can answer early
+    other = (d1.cls + 1) % 5
+    cache.observe(x[0], other, d1)  # the cloud says another class than the centers
+    d2 = cache.decide(x[0])  # the same window again, but the centers disagree with it: no reuse
+    assert d2.outcome == "full" and not d2.reused
+    cache.observe(x[0], d1.cls, d2)  # now the cloud agrees with the centers
+    d3 = cache.decide(x[0])  # the same window again: the previous answer is reused
+    assert d3.outcome == "hit" and d3.reused and d3.cls == d1.cls
+    d4 = cache.decide(-x[0])  # a feature that moved: no reuse
+    assert d4.outcome == "full" and not d4.reused
