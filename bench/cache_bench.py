@@ -6,7 +6,7 @@ a drift stream (all made once in --work and reused; a recipe stamp rebuilds what
           users 0-2, as `coach demo`), its cache calibrated on fresh draws of those domains (not on
           training data). Test stream: unseen locations 3-4 and users 3-4 (as the demo's stream, larger),
           in recording order (each gesture repeated, as people perform them). Drift: seen domains,
-          then unseen locations from the middle on.
+          then, from the middle on, an unseen room with the users facing an unseen way (+45 degrees).
   digits  a CNN on the 8x8 handwritten digits shipped with scikit-learn, seen as 32x32 camera crops:
           another task, ten classes, inputs in random order (no temporal correlation). Drift: the test
           digits, then the same digits with the crop shifted by a pixel and sensor noise.
@@ -63,7 +63,7 @@ GESFI_TRAIN = dict(locations=(0, 1, 2), orientations=(0, 1, 2), rooms=(0, 1), us
 GESFI_CALIB = dict(GESFI_TRAIN, seed=5)
 GESFI_STREAM = dict(locations=(3, 4), orientations=(0, 1, 2), rooms=(0,), users=(0, 1, 2, 3, 4), reps=3, seed=11)
 GESFI_DRIFT = (dict(locations=(0, 1, 2), orientations=(1,), rooms=(0, 1), users=(0, 1, 2), reps=4, seed=12),
-               dict(locations=(3, 4), orientations=(0, 1, 2), rooms=(0,), users=(0, 1, 2), reps=4, seed=13))
+               dict(locations=(0, 1, 2, 3), orientations=(3,), rooms=(2,), users=(0, 1, 2), reps=6, seed=13))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -261,7 +261,8 @@ def prepare(name: str, args) -> Workload:
         about = {"model": "GesFi CNN trained here (coach gesfi train, 12 epochs) on simulated CSI",
                  "train_domains": GESFI_TRAIN, "calibration": f"fresh draws of the training domains (seed "
                  f"{GESFI_CALIB['seed']})", "stream": "unseen locations 3-4, users 0-4, recording order",
-                 "stream_domains": GESFI_STREAM, "drift": "seen domains, then unseen locations 3-4",
+                 "stream_domains": GESFI_STREAM, "drift": "seen domains, then an unseen room (office) with the "
+                 "users facing an unseen way (+45 degrees)",
                  "drift_domains": GESFI_DRIFT}
     elif name == "digits":
         epochs, n = (4, 120) if args.quick else (15, None)

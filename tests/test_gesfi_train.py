@@ -122,7 +122,8 @@ def test_eval_cli_table_json_png(small, tmp_path):
     _, path = small
     out = tmp_path / "ev"
     argv = ["gesfi", "eval", "--data", str(path), "--out", str(out), "--methods", "erm,gesfi",
-            "--splits", "orientation", "--seeds", "2", "--epochs", "2", "--mine-epochs", "1", "--k-sweep", "2,3", "--threads", "1"]
+            "--splits", "orientation", "--seeds", "2", "--epochs", "2", "--mine-epochs", "1",
+            "--k-sweep", "2,3", "--threads", "1"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["runs"]) == 4
