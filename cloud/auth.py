@@ -100,7 +100,11 @@ def _deny_handler(handler, message: str):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def deny_stream(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        # End with the status set rather than abort(): aborting before the request stream is read
+        # races with the client's writes and sometimes reached the client as INTERNAL.
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(message)
+        return
         yield  # pragma: no cover  (makes this an async generator)
 
     if handler.response_streaming:

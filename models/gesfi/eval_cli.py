@@ -18,20 +18,28 @@ from coach_runtime.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="dataset directory from 'coach gesfi simulate'")
+    parser.add_argument("--data", required=True,
+                        help="dataset directory from 'coach gesfi simulate'")
     parser.add_argument("--out", default=None, help="output directory (default DATA/eval)")
-    parser.add_argument("--methods", default="erm,dann,gesfi", help="comma list of erm, dann, gesfi")
+    parser.add_argument("--methods", default="erm,dann,gesfi",
+                        help="comma list of erm, dann, gesfi")
     parser.add_argument("--splits", default="location,orientation,room,user",
                         help="factors to leave out one value of (comma list)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per split (default 3)")
     parser.add_argument("--holdout", default="rotate",
                         help="'rotate': seed s holds out value s; or a fixed value index (default rotate)")
-    parser.add_argument("--epochs", type=int, default=30, help="classifier epochs per run (default 30)")
-    parser.add_argument("--mine-epochs", type=int, default=20, help="GesFi domain-feature epochs (default 20)")
-    parser.add_argument("--k", type=int, default=0, help="GesFi latent domains; 0 = silhouette (default)")
-    parser.add_argument("--adv-weight", type=float, default=None, help="max gradient-reversal weight (default 0.5)")
-    parser.add_argument("--k-sweep", default="", help="also run GesFi with these K on one split, e.g. '2,3,4,6,8'")
-    parser.add_argument("--k-sweep-split", default="orientation", help="split for the K sweep (default orientation)")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="classifier epochs per run (default 30)")
+    parser.add_argument("--mine-epochs", type=int, default=20,
+                        help="GesFi domain-feature epochs (default 20)")
+    parser.add_argument("--k", type=int, default=0,
+                        help="GesFi latent domains; 0 = silhouette (default)")
+    parser.add_argument("--adv-weight", type=float, default=None,
+                        help="max gradient-reversal weight (default 0.5)")
+    parser.add_argument("--k-sweep", default="",
+                        help="also run GesFi with these K on one split, e.g. '2,3,4,6,8'")
+    parser.add_argument("--k-sweep-split", default="orientation",
+                        help="split for the K sweep (default orientation)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (default 1: many short runs; 2 threads spin badly on a busy machine)")
 

@@ -11,15 +11,19 @@ from coach_runtime.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output dataset directory (manifest.json, data.npz, raw.npz)")
-    parser.add_argument("--reps", type=int, default=1, help="repetitions per (gesture, domain) combination (default 1)")
+    parser.add_argument("--out", required=True,
+                        help="output dataset directory (manifest.json, data.npz, raw.npz)")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="repetitions per (gesture, domain) combination (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--locations", default=None, help="location indices, e.g. '0,1' or '0-4' (default all 5)")
+    parser.add_argument("--locations", default=None,
+                        help="location indices, e.g. '0,1' or '0-4' (default all 5)")
     parser.add_argument("--orientations", default=None, help="orientation indices (default all 5)")
     parser.add_argument("--rooms", default=None, help="room indices (default all 3)")
     parser.add_argument("--users", default=None, help="user indices (default all 5)")
     parser.add_argument("--gestures", default=None, help="gesture indices (default all 6)")
-    parser.add_argument("--raw", type=int, default=3, help="keep the raw CSI of the first N samples (default 3)")
+    parser.add_argument("--raw", type=int, default=3,
+                        help="keep the raw CSI of the first N samples (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 

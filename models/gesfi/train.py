@@ -65,8 +65,10 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.domain_factor not in FACTORS:
             raise ValueError(f"domain_factor must be one of {FACTORS}, got {self.domain_factor!r}")
-        if self.epochs < 1 or self.batch_size < 2 or self.k < 0 or self.k == 1 or self.k_max < 2:
-            raise ValueError(f"bad epochs/batch_size/k/k_max in {self}")
+        if self.epochs < 1 or self.mine_epochs < 1 or self.batch_size < 2 or self.threads < 1:
+            raise ValueError("epochs, mine_epochs and threads must be >= 1 and batch_size >= 2")
+        if self.k < 0 or self.k == 1 or self.k_max < 2:
+            raise ValueError(f"k must be 0 (silhouette) or >= 2 and k_max >= 2, got k={self.k} k_max={self.k_max}")
 
 
 @dataclass

@@ -22,18 +22,26 @@ MAX_REL_ERR = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="dataset directory from 'coach gesfi simulate'")
-    parser.add_argument("--method", choices=["gesfi", "erm", "dann"], default="gesfi", help="training method (default gesfi)")
-    parser.add_argument("--out", required=True, help="output directory (model.onnx, weights.npz, metrics.json)")
+    parser.add_argument("--data", required=True,
+                        help="dataset directory from 'coach gesfi simulate'")
+    parser.add_argument("--method", choices=["gesfi", "erm", "dann"], default="gesfi",
+                        help="training method (default gesfi)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (model.onnx, weights.npz, metrics.json)")
     parser.add_argument("--epochs", type=int, default=30, help="classifier epochs (default 30)")
-    parser.add_argument("--mine-epochs", type=int, default=20, help="GesFi domain-feature epochs (default 20)")
+    parser.add_argument("--mine-epochs", type=int, default=20,
+                        help="GesFi domain-feature epochs (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--k", type=int, default=0, help="GesFi latent domains; 0 = choose by silhouette (default)")
+    parser.add_argument("--k", type=int, default=0,
+                        help="GesFi latent domains; 0 = choose by silhouette (default)")
     parser.add_argument("--domain-factor", default="location", choices=["location", "orientation", "room", "user"],
                         help="DANN's physical domain labels (default location)")
-    parser.add_argument("--adv-weight", type=float, default=None, help="max gradient-reversal weight (default 0.5)")
-    parser.add_argument("--width", type=int, default=16, help="channels of the first conv block (default 16)")
-    parser.add_argument("--val-frac", type=float, default=0.15, help="fraction held out for in-domain accuracy")
+    parser.add_argument("--adv-weight", type=float, default=None,
+                        help="max gradient-reversal weight (default 0.5)")
+    parser.add_argument("--width", type=int, default=16,
+                        help="channels of the first conv block (default 16)")
+    parser.add_argument("--val-frac", type=float, default=0.15,
+                        help="fraction held out for in-domain accuracy")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
