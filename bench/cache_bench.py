@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.e2e import _until
 from coach_runtime.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,13 +346,6 @@ def run_once(bundle, cut: str, port: int, source: Path, n: int | None, cache: di
                         list(c.history) if c else [], c.telemetry() if c else {})
     finally:
         emu.stop()
-
-
-def _until(samples, deadline: float):
-    for s in samples:
-        if time.perf_counter() > deadline:
-            return
-        yield s
 
 
 def figures(cr: CacheRun, labels: np.ndarray, ref: np.ndarray, base: CacheRun | None = None) -> dict:

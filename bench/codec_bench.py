@@ -81,9 +81,8 @@ def run(args) -> int:
             table.add_row(str(r["bits"]), f"{r['codec_gbps']:.2f}", f"{r['copy_gbps']:.2f}",
                           f"{r['ratio']:.3f}", f"{tgt or '-'}{mark}", f"{r['codec_ms']:.3f}", str(r["wire_bytes"]))
         console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(args.out)
+    from bench.procs import write_json
+
+    write_json(args.out, results)
     console.print(f"wrote {args.out}")
     return 0

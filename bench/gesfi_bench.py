@@ -116,9 +116,8 @@ def run(args) -> int:
     console.print(table)
     console.print(f"load average before/after: {load_before[0]:.2f} / {res['loadavg_after'][0]:.2f} "
                   f"on {res['cpu_count']} cores (wall times include waiting for a core)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(args.out)
+    from bench.procs import write_json
+
+    write_json(args.out, res)
     console.print(f"wrote {args.out}")
     return 0

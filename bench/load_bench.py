@@ -176,13 +176,9 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
     def rss_kib(self) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
+        from bench.procs import rss_kib
+
+        return rss_kib(self.proc.pid)
 
     def stop(self, timeout_s: float = 30.0) -> int:
         import signal

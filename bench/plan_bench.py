@@ -383,9 +383,8 @@ def run(args) -> int:
 
     results = {"machine": platform.machine(), "python": platform.python_version(),
                "bits": BITS, "bandwidths_mbps": BANDWIDTHS, "models": timings, "optimality": opt}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(args.out)
+    from bench.procs import write_json
+
+    write_json(args.out, results)
     console.print(f"wrote {args.out}")
     return 0

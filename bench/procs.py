@@ -66,6 +66,27 @@ def pinned(argv: list[str], cores: set[int] | None) -> tuple[list[str], object]:
     return argv, lambda: os.sched_setaffinity(0, cores)
 
 
+
+def rss_kib(pid: int) -> int | None:
+    """Resident memory of a process (VmRSS from /proc), KiB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def write_json(path: Path, obj) -> None:
+    """Write a results file whole or not at all (temp file, then rename)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
 class Proc:
     """A subprocess whose stdout and stderr are drained into lists; optionally waits for a ready line."""
 
@@ -115,13 +136,7 @@ class Proc:
         return self.proc.poll() is None
 
     def rss_kib(self) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
+        return rss_kib(self.proc.pid)
 
     def cpu_s(self) -> float | None:
         """CPU time (user + system) the process has used so far, in seconds."""
