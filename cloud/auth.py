@@ -12,6 +12,8 @@ with UNAUTHENTICATED; the health and reflection services stay open (load balance
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -24,6 +26,8 @@ import grpc
 SERVICE_PREFIX = "/coach.v1."
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+DENY_DRAIN_S = 0.5  # a denied stream reads what the client sent for at most this long ...
+DENY_DRAIN_MESSAGES = 64  # ... or this many messages, then ends with UNAUTHENTICATED
 
 
 def hash_token(token: str) -> str:
@@ -93,6 +97,14 @@ def add_device(path: str | Path, device_id: str) -> str:
     return token
 
 
+async def _drain(requests, limit: int) -> None:
+    n = 0
+    async for _ in requests:
+        n += 1
+        if n >= limit:
+            return
+
+
 def _deny_handler(handler, message: str):
     """A handler of the same shape as `handler` that ends the call with UNAUTHENTICATED."""
 
@@ -100,8 +112,12 @@ def _deny_handler(handler, message: str):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def deny_stream(request_iterator, context):
-        # End with the status set rather than abort(): aborting before the request stream is read
-        # races with the client's writes and sometimes reached the client as INTERNAL.
+        # Read (and drop, unparsed) what the client already sent before ending the call: a grpc.aio
+        # client whose write fails after the status arrived reports INTERNAL instead of our status
+        # (grpc/grpc#36066). Bounded, so an unauthenticated client cannot hold the stream open.
+        if handler.request_streaming:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_drain(request_iterator, DENY_DRAIN_MESSAGES), DENY_DRAIN_S)
         context.set_code(grpc.StatusCode.UNAUTHENTICATED)
         context.set_details(message)
         return
@@ -109,7 +125,7 @@ def _deny_handler(handler, message: str):
 
     if handler.response_streaming:
         make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
-        return make(deny_stream, request_deserializer=handler.request_deserializer,
+        return make(deny_stream, request_deserializer=None,
                     response_serializer=handler.response_serializer)
     make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
     return make(deny_unary, request_deserializer=handler.request_deserializer,
