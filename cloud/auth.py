@@ -12,8 +12,6 @@ with UNAUTHENTICATED; the health and reflection services stay open (load balance
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import os
 import re
@@ -23,11 +21,11 @@ from pathlib import Path
 
 import grpc
 
+from cloud.refusal import refuse_stream
+
 SERVICE_PREFIX = "/coach.v1."
 _DEVICE_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-DENY_DRAIN_S = 0.5  # a denied stream reads what the client sent for at most this long ...
-DENY_DRAIN_MESSAGES = 64  # ... or this many messages, then ends with UNAUTHENTICATED
 
 
 def hash_token(token: str) -> str:
@@ -97,29 +95,17 @@ def add_device(path: str | Path, device_id: str) -> str:
     return token
 
 
-async def _drain(requests, limit: int) -> None:
-    n = 0
-    async for _ in requests:
-        n += 1
-        if n >= limit:
-            return
-
-
 def _deny_handler(handler, message: str):
     """A handler of the same shape as `handler` that ends the call with UNAUTHENTICATED."""
 
     async def deny_unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def deny_stream(request_iterator, context):
-        # Read (and drop, unparsed) what the client already sent before ending the call: a grpc.aio
-        # client whose write fails after the status arrived reports INTERNAL instead of our status
-        # (grpc/grpc#36066). Bounded, so an unauthenticated client cannot hold the stream open.
+    async def deny_stream(request_or_iterator, context):
         if handler.request_streaming:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_drain(request_iterator, DENY_DRAIN_MESSAGES), DENY_DRAIN_S)
-        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-        context.set_details(message)
+            await refuse_stream(request_or_iterator, context, grpc.StatusCode.UNAUTHENTICATED, message)
+        else:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         return
         yield  # pragma: no cover  (makes this an async generator)
 

@@ -34,6 +34,7 @@ from cloud.batching import MicroBatcher
 from cloud.handlers import (EchoModel, Limits, Model, Prepared, Received, RequestError, error_response, prepare,
                             read_request_id, run_batch)
 from cloud.metrics import Metrics
+from cloud.refusal import refuse_stream
 from protos.coach.v1 import coach_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -157,14 +158,17 @@ class CollaborativeInference:
 
     async def Stream(self, requests, context):
         if self.closing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect to another replica")
+            await refuse_stream(requests, context, grpc.StatusCode.UNAVAILABLE,
+                                "server is shutting down; reconnect to another replica")
+            return
         who = client_id(context, self.config.tokens)
         limit = self.config.max_streams_per_client
         if self._streams[who] >= limit:
             self.metrics.stream_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await refuse_stream(requests, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{who.split(':', 1)[1]} already has {limit} open streams, the limit per client; "
                                 "close one or multiplex requests on one stream")
+            return
         self._streams[who] += 1
         self.metrics.streams.inc()
         self._enter()
