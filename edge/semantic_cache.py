@@ -15,7 +15,12 @@ that hits need more than that margin); a right one lowers it by (1 + s) ** ((1 -
 never below the calibrated threshold. The steps are multiplicative (margins differ in scale from
 model to model) and balance where the precision of hits is the target (above it when mistakes come
 at margins well above the threshold): below the target the threshold climbs, above it it relaxes
-slowly. The verified precision reported is over the last `window` verified hits.
+slowly. Reused answers skip the margin test, so their verified mistakes move their own knob
+instead, the largest feature step (1 - cosine) still reused: a wrong reuse shrinks it below that
+step, right ones let it grow back to the configured one, at the same rates. While the verified
+precision is below the target, hits are verified `verify_boost` times as often, so that the
+thresholds settle sooner after a drift. The verified precision reported is over the last `window`
+verified hits.
 All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
 """
 
@@ -43,6 +48,7 @@ class CacheConfig:
     reuse_similarity: float | None = None  # reuse the last answer when cos(f, f_prev) >= this (None: off)
     momentum: float | None = 0.99  # center update weight of the old center (None: no online update)
     verify_fraction: float = 0.1  # share of hits also sent to the cloud
+    verify_boost: float = 3.0  # ... times this while the verified precision is below the target
     window: int = 50  # verified hits over which the reported precision is measured
     tighten_step: float = 0.1  # relative threshold raise on a wrong verified hit (and past its margin)
     relax_step: float | None = None  # relative decrease on a right one (None: balanced at the target, see above)
@@ -58,6 +64,7 @@ class CacheDecision:
     margin: float
     verify: bool = False  # a hit that is also sent to the cloud
     reused: bool = False  # answered from temporal context
+    gap: float = 0.0  # of a reused answer: 1 - cos(previous feature, this one)
 
 
 class SemanticCache:
@@ -72,6 +79,10 @@ class SemanticCache:
         self._smoothed: np.ndarray | None = None
         self._last: tuple[np.ndarray, int] | None = None  # (feature, answer) of the previous input
         self._verified: deque[bool] = deque(maxlen=config.window)
+        # Reuse of the last answer has its own knob, the largest 1 - cos(previous, feature) reused;
+        # wrong verified reuses shrink it, right ones let it grow back to the configured one.
+        self._reuse_gap0 = None if config.reuse_similarity is None else 1.0 - config.reuse_similarity
+        self.reuse_gap = self._reuse_gap0
         self._gate = config.context_similarity
         if self._gate is None:
             self._gate = _closest_centers(self.centers, self.valid)
@@ -97,11 +108,13 @@ class SemanticCache:
                 # Context may confirm, never override: pooled ReLU features of different classes can
                 # sit close in cosine, so the previous answer is reused only where the centers agree.
                 prev, answer = self._last
-                if float(prev @ feature) >= c.reuse_similarity and answer == cls:
+                gap = 1.0 - float(prev @ feature)
+                if gap <= self.reuse_gap and answer == cls:
                     self._last = (feature, answer)
                     self.counts["hit"] += 1
                     self.counts["reused"] += 1
-                    return CacheDecision("hit", answer, margin, verify=self._verify_draw(), reused=True)
+                    return CacheDecision("hit", answer, margin, verify=self._verify_draw(), reused=True,
+                                         gap=gap)
             if margin >= self.hit:
                 outcome = "hit"
             elif c.band_bits is not None and c.band <= margin < self._floor:
@@ -118,7 +131,13 @@ class SemanticCache:
             return CacheDecision(outcome, cls, margin)
 
     def _verify_draw(self) -> bool:
-        return self._rng.random() < self.config.verify_fraction
+        """Verify a share of hits, a larger one while the verified precision is below the target
+        (more evidence sooner, so the thresholds settle faster after a drift)."""
+        c = self.config
+        share = c.verify_fraction
+        if self._verified and sum(self._verified) < c.target_precision * len(self._verified):
+            share = min(1.0, share * c.verify_boost)
+        return self._rng.random() < share
 
     # ------------------------------------------------------------ feedback from the cloud
 
@@ -137,20 +156,37 @@ class SemanticCache:
                 self._verified.append(ok)
                 self.counts["verified"] += 1
                 self.counts["verified_ok"] += int(ok)
-                self._adjust(ok, decision.margin)
+                if decision.reused:
+                    self._adjust_reuse(ok, decision.gap)
+                else:
+                    self._adjust(ok, decision.margin)
+                self._record()
+
+    def _relax_step(self) -> float:
+        c = self.config
+        if c.relax_step is not None:
+            return c.relax_step
+        return (1 + c.tighten_step) ** ((1 - c.target_precision) / c.target_precision) - 1
 
     def _adjust(self, ok: bool, margin: float) -> None:
         c = self.config
         if ok:
-            relax = c.relax_step
-            if relax is None:
-                relax = (1 + c.tighten_step) ** ((1 - c.target_precision) / c.target_precision) - 1
-            self.hit = max(self._floor, self.hit / (1 + relax))
+            self.hit = max(self._floor, self.hit / (1 + self._relax_step()))
         else:
-            up = max(self.hit * (1 + c.tighten_step), self.hit + c.min_step)
-            if np.isfinite(margin):  # (a reused answer has no margin)
-                up = max(up, margin * (1 + c.tighten_step))
+            up = max(self.hit * (1 + c.tighten_step), self.hit + c.min_step, margin * (1 + c.tighten_step))
             self.hit = min(c.max_hit, up)
+
+    def _adjust_reuse(self, ok: bool, gap: float) -> None:
+        """The same rule for the reuse gap, mirrored: a wrong reuse shrinks it below that reuse's gap."""
+        if self.reuse_gap is None:
+            return
+        if ok:
+            self.reuse_gap = min(self._reuse_gap0, self.reuse_gap * (1 + self._relax_step()))
+        else:
+            # (never to 0, from where the multiplicative growth could not come back)
+            self.reuse_gap = max(min(self.reuse_gap, gap) / (1 + self.config.tighten_step), 1e-3 * self._reuse_gap0)
+
+    def _record(self) -> None:
         prec = sum(self._verified) / len(self._verified)
         self.history.append((sum(self.counts[k] for k in ("hit", "band", "full")), self.hit, prec))
 
@@ -164,7 +200,8 @@ class SemanticCache:
             v = self.counts["verified"]
             return {"hit_rate": self.counts["hit"] / seen if seen else 0.0,
                     "verified_precision": self.counts["verified_ok"] / v if v else None,
-                    "hit_threshold": self.hit, "bytes_saved": self.bytes_saved, **self.counts}
+                    "hit_threshold": self.hit, "reuse_gap": self.reuse_gap, "bytes_saved": self.bytes_saved,
+                    **self.counts}
 
 
 def _closest_centers(centers: np.ndarray, valid: np.ndarray) -> float:

@@ -141,8 +141,48 @@ def test_a_confident_mistake_lifts_the_threshold_past_its_margin():
     cache.observe(f, 1, CacheDecision("hit", 0, 0.6, verify=True))  # wrong, with margin 0.6
     assert cache.hit == pytest.approx(0.66)
     assert cache.decide(g).outcome == "full"
-    cache.observe(f, 1, CacheDecision("hit", 0, float("nan"), verify=True, reused=True))  # no margin: a plain step
-    assert cache.hit == pytest.approx(0.66 * 1.1)
+    cache.observe(f, 1, CacheDecision("hit", 0, 0.7, verify=True))  # wrong again, at 0.7: past it
+    assert cache.hit == pytest.approx(0.77)
+
+
+def test_a_wrong_reuse_narrows_reuse_not_the_hit_threshold():
+    """Reused answers (consecutive features alike) skip the margin test, so their mistakes are
+    charged to the reuse gap: after a drift they were where wrong hits came from (GesFi)."""
+    import numpy as np
+
+    from edge.semantic_cache import CacheDecision
+
+    cache = _cache(tighten_step=0.1, momentum=None, reuse_similarity=0.99, smoothing=0.0)
+    a = np.array([1, 0, 0, 0], np.float32)
+    near = np.array([1, 0.1, 0, 0], np.float32) / np.hypot(1, 0.1)  # gap 1 - cos = 0.005
+    assert cache.decide(a).outcome == "hit"
+    d = cache.decide(near)
+    assert d.reused and d.gap == pytest.approx(1 - float(near @ a), abs=1e-6)
+    cache.observe(near, 1, CacheDecision("hit", 0, d.margin, verify=True, reused=True, gap=d.gap))  # wrong
+    assert cache.hit == pytest.approx(0.1)  # the margin threshold is untouched
+    assert cache.reuse_gap == pytest.approx(d.gap / 1.1)  # below the gap that was wrong
+    cache.decide(a)
+    assert not cache.decide(near).reused  # the same step is no longer reused
+    for _ in range(2000):  # right reuses let it grow back, never past the configured one
+        cache.observe(near, 0, CacheDecision("hit", 0, 0.5, verify=True, reused=True, gap=0.001))
+    assert cache.reuse_gap == pytest.approx(0.01)
+
+
+def test_verification_boosts_while_precision_is_below_target():
+    import numpy as np
+
+    from edge.semantic_cache import CacheDecision
+
+    cache = _cache(verify_fraction=0.1, verify_boost=5.0, momentum=None, seed=3)
+    f = np.array([1, 0, 0, 0], np.float32)
+    def share():
+        return np.mean([cache.decide(f).verify for _ in range(4000)])
+    assert share() == pytest.approx(0.1, abs=0.02)
+    cache.observe(f, 1, CacheDecision("hit", 0, 0.05, verify=True))  # one wrong in one: below target
+    assert share() == pytest.approx(0.5, abs=0.03)
+    for _ in range(200):  # right ones fill the window: at the target again
+        cache.observe(f, 0, CacheDecision("hit", 0, 0.5, verify=True))
+    assert share() == pytest.approx(0.1, abs=0.02)
 
 
 def test_smoothing_does_not_blend_across_a_class_change():
