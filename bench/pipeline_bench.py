@@ -335,7 +335,9 @@ def part_overhead(b: Bench) -> dict:
     n = 100 if b.quick else 500
     warm = 20
     load = load_average()
-    cloud = start_cloud(path, b.cloud_cores, extra=CLOUD_FLAGS)
+    # The server's defaults (micro-batching on, 2 decode threads), as an operator runs it; only the
+    # intra-op threads are pinned to 1 (its core).
+    cloud = start_cloud(path, b.cloud_cores, extra=["--intra-op-threads", "1"])
     try:
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         local, unary, nbytes, server, floor = [], [], 0, [], []

@@ -3,12 +3,14 @@
     feeds, rows = concat([tensors_a, tensors_b])       # along axis 0; rows = (rows of a, rows of b)
     outs_a, outs_b = split(model_outputs, rows)
 
-    batcher = MicroBatcher(run, pool, max_batch=8, timeout_s=0.002)
+    batcher = MicroBatcher(run, pool, max_batch=8, timeout_s=0.002, slots=1)
     response = await batcher.submit(key, item, batchable=True)
 
-The first request of a key opens a batch and starts its clock; the batch runs when it holds
-`max_batch` requests or when `timeout_s` has passed since it opened, whichever comes first, so no
-request waits longer than the timeout for company. Keys whose tail cannot take a batch (a fixed
+Batching is opportunistic: while fewer than `slots` runs are going (the compute threads), a request
+runs at once with whatever else is waiting, so a lone stream never waits for company. While all
+slots are busy, requests of a key collect into a batch; it runs when a slot frees (the oldest open
+batch first), when it holds `max_batch` requests, or when `timeout_s` has passed since it opened
+(then it queues in the pool), whichever comes first. Keys whose tail cannot take a batch (a fixed
 batch dimension) run each request at once. Runs go to a thread pool, off the event loop.
 """
 
@@ -47,12 +49,14 @@ class MicroBatcher:
     """Collects items per key on the event loop and runs `run(items) -> results` in `pool`."""
 
     def __init__(self, run: Callable[[list[Any]], list[Any]], pool: Executor, max_batch: int = 8,
-                 timeout_s: float = 0.002, on_batch: Callable[[int], None] | None = None):
+                 timeout_s: float = 0.002, on_batch: Callable[[int], None] | None = None, slots: int = 1):
         self.run = run
         self.pool = pool
         self.max_batch = max(1, max_batch)
         self.timeout_s = max(0.0, timeout_s)
         self.on_batch = on_batch
+        self.slots = max(1, slots)  # runs that can go at the same time (the pool's threads)
+        self._running = 0
         self._open: dict[Hashable, list[tuple[Any, asyncio.Future]]] = {}
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
 
@@ -64,7 +68,7 @@ class MicroBatcher:
             return await fut
         batch = self._open.setdefault(key, [])
         batch.append((item, fut))
-        if len(batch) >= self.max_batch:
+        if len(batch) >= self.max_batch or self._running < self.slots:
             self._flush(key)
         elif len(batch) == 1:
             self._timers[key] = loop.call_later(self.timeout_s, self._flush, key)
@@ -82,9 +86,13 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(batch))
         items = [item for item, _ in batch]
+        self._running += 1
         job = asyncio.get_running_loop().run_in_executor(self.pool, self.run, items)
 
         def done(job: asyncio.Future) -> None:
+            self._running -= 1
+            if self._open and self._running < self.slots:  # a slot is free: the oldest waiting batch
+                self._flush(next(iter(self._open)))
             exc = None if job.cancelled() else job.exception()
             results = None if exc is not None or job.cancelled() else job.result()
             for i, (_, fut) in enumerate(batch):

@@ -109,7 +109,8 @@ class CollaborativeInference:
         self.decode_pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="coach-decode")
         self.compute_pool = ThreadPoolExecutor(max_workers=config.compute_workers, thread_name_prefix="coach-compute")
         self.batcher = MicroBatcher(partial(run_batch, limits=config.limits), self.compute_pool,
-                                    config.max_batch, config.batch_timeout_ms / 1e3, self.metrics.observe_batch)
+                                    config.max_batch, config.batch_timeout_ms / 1e3, self.metrics.observe_batch,
+                                    slots=config.compute_workers)
         self.closing = False
         self._streams: Counter[str] = Counter()
         self._readers: set[asyncio.Task] = set()

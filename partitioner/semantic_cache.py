@@ -100,13 +100,18 @@ def band_threshold(margin: np.ndarray, hit: float, agree_at_bits: dict[int, np.n
 def calibrate(features: np.ndarray, answers: np.ndarray, centers: Centers, target_precision: float,
               agree_at_bits: dict[int, np.ndarray] | None = None, normal_agree: np.ndarray | None = None,
               budget_points: float = 0.5) -> CacheThresholds:
-    """Thresholds on held-out features (with the full model's answers) for the given centers."""
+    """Thresholds on held-out features (with the full model's answers) for the given centers.
+    The band spends what the hits leave of `budget_points`: their disagreement with the full model
+    (points over all held-out samples) comes off first, so that hits and band together keep it."""
     cls, margin, _ = margins(features, centers.centers, centers.valid)
     correct = cls == answers
     hit, prec, rate = hit_threshold(margin, correct, target_precision)
     band, bits, drop, band_rate = hit, None, None, 0.0
     if agree_at_bits and normal_agree is not None:
-        band, bits, drop, band_rate = band_threshold(margin, hit, agree_at_bits, budget_points, normal_agree)
+        hits_points = 100.0 * float((~correct & (margin >= hit)).sum()) / max(1, len(correct))
+        left = budget_points - hits_points
+        if left >= 0:
+            band, bits, drop, band_rate = band_threshold(margin, hit, agree_at_bits, left, normal_agree)
     return CacheThresholds(hit=hit, band=band, band_bits=bits, precision=prec, hit_rate=rate, band_rate=band_rate,
                            band_drop=drop, target_precision=target_precision, held_out=len(answers))
 

@@ -37,28 +37,66 @@ def _run_batcher(coro_fn):
         pool.shutdown()
 
 
-def test_microbatcher_flushes_at_max_batch_and_at_timeout():
-    calls = []
+def _gated_run(calls):
+    """A run that records its batch and blocks while the gate is closed (a busy compute thread)."""
+    gate = threading.Event()
     lock = threading.Lock()
 
     def run(items):
         with lock:
             calls.append(list(items))
+        gate.wait(10)
         return [x * 10 for x in items]
 
-    async def go(pool):
-        b = MicroBatcher(run, pool, max_batch=3, timeout_s=0.05)
-        full = await asyncio.gather(*(b.submit("k", i) for i in range(3)))  # fills a batch: no wait
-        late = await asyncio.gather(*(b.submit("k", i) for i in (7, 8)))  # 2 < 3: flushed by the timer
-        mixed = await asyncio.gather(b.submit("a", 1), b.submit("b", 2))  # different keys never share
-        alone = await asyncio.gather(*(b.submit("k", i, batchable=False) for i in (4, 5)))
-        return full, late, mixed, alone
+    return run, gate
 
-    full, late, mixed, alone = _run_batcher(go)
-    assert full == [0, 10, 20] and late == [70, 80] and mixed == [10, 20] and alone == [40, 50]
-    sizes = sorted(len(c) for c in calls)
-    assert sizes == [1, 1, 1, 1, 2, 3]
-    assert [0, 1, 2] in calls and [7, 8] in calls
+
+def test_microbatcher_runs_at_once_when_idle_and_batches_while_busy():
+    calls = []
+    run, gate = _gated_run(calls)
+
+    async def go(pool):
+        b = MicroBatcher(run, pool, max_batch=3, timeout_s=60.0, slots=1)
+        first = asyncio.ensure_future(b.submit("k", 0))  # idle: runs at once, no wait for company
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(b.submit("k", i)) for i in (1, 2)]  # busy: they collect
+        other = asyncio.ensure_future(b.submit("j", 9))  # another key: its own batch
+        await asyncio.sleep(0.05)
+        assert calls == [[0]]
+        gate.set()  # the slot frees: the oldest open batch goes, then the next
+        done = await asyncio.wait_for(asyncio.gather(first, *waiting, other), 5)  # (not the 60 s timer)
+        gate.clear()
+        full = [asyncio.ensure_future(b.submit("k", i)) for i in (3, 4, 5, 6)]  # busy with [3]: 4, 5, 6 fill
+        await asyncio.sleep(0.05)
+        assert calls[-2:] == [[3], [4, 5, 6]]  # max_batch launches even while the slot is busy
+        gate.set()
+        return done, await asyncio.wait_for(asyncio.gather(*full), 5)
+
+    done, full = _run_batcher(go)
+    assert done == [0, 10, 20, 90] and full == [30, 40, 50, 60]
+    assert calls[:3] == [[0], [1, 2], [9]]
+
+
+def test_microbatcher_times_out_while_busy_and_never_batches_across_keys():
+    calls = []
+    run, gate = _gated_run(calls)
+
+    async def go(pool):
+        b = MicroBatcher(run, pool, max_batch=3, timeout_s=0.05, slots=1)
+        busy = asyncio.ensure_future(b.submit("k", 0))
+        late = [asyncio.ensure_future(b.submit("k", i)) for i in (7, 8)]  # 2 < 3: flushed by the timer
+        mixed = [asyncio.ensure_future(b.submit("a", 1)), asyncio.ensure_future(b.submit("b", 2))]
+        alone = [asyncio.ensure_future(b.submit("k", i, batchable=False)) for i in (4, 5)]
+        await asyncio.sleep(0.3)  # the timers fired while the slot was still busy
+        queued = sorted(len(c) for c in calls)
+        gate.set()
+        return queued, await asyncio.wait_for(asyncio.gather(busy, *late, *mixed, *alone), 5)
+
+    queued, res = _run_batcher(go)
+    assert res == [0, 70, 80, 10, 20, 40, 50]
+    assert [7, 8] in calls and [1] in calls and [2] in calls  # keys never share a batch
+    assert sorted(len(c) for c in calls) == [1, 1, 1, 1, 1, 2]
+    assert len(queued) >= 2  # at least the first run and the timed-out [7, 8] had gone to the pool
 
 
 def test_microbatcher_propagates_a_failed_run_to_each_request():

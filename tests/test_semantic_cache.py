@@ -68,8 +68,17 @@ def test_band_lowers_bits_only_within_budget():
     at2 = m > 0.3  # 2 bits breaks every low-margin answer
     at4 = rng.random(len(held)) > 0.002
     th = calibrate(x[held], y[held], c, 0.99, agree_at_bits={2: at2, 4: at4}, normal_agree=normal, budget_points=0.5)
-    assert th.band_bits in (2, 4) and th.band_drop <= 0.5
+    cls = margins(x[held], c.centers, c.valid)[0]
+    hits_points = 100.0 * np.mean((cls != y[held]) & (m >= th.hit))  # what the hits already spend
+    assert th.band_bits in (2, 4) and th.band_drop <= 0.5 - hits_points
     assert th.band <= th.hit
+    # hits that spend the whole budget leave no band, however cheap the lower bits are
+    wrong = y[held].copy()
+    top = np.argsort(-m)[: int(0.01 * len(m))]  # 1% of the answers, the most confident, disagree
+    wrong[top] = (wrong[top] + 1) % 5
+    tight = calibrate(x[held], wrong, c, 0.95, agree_at_bits={4: np.ones(len(held), bool)}, normal_agree=normal,
+                      budget_points=0.5)
+    assert tight.hit < np.inf and tight.band_bits is None and tight.band == tight.hit
 
 
 def test_online_precision_tracking_tightens_under_drift():
