@@ -555,8 +555,9 @@ def print_tables(result: dict) -> None:
 
     for name, w in result["workloads"].items():
         cp = w["cache_plan"]
-        t = Table(title=f"{name}: cut {w['cut']} (hit >= {cp['hit']:.4f}, band >= {cp['band'] or float('nan'):.4f} at "
-                        f"{cp['band_bits']} bits), {w['stream']['inputs']} inputs, fp32 accuracy "
+        band = (f"band >= {cp['band']:.4f} at {cp['band_bits']} bits" if cp.get("band_bits") is not None
+                else "no band: the hits spend the accuracy budget")
+        t = Table(title=f"{name}: cut {w['cut']} (hit >= {cp['hit']:.4f}, {band}), {w['stream']['inputs']} inputs, fp32 accuracy "
                         f"{pct(w['stream']['fp32_accuracy'])}, on {Path(result['trace']).name}")
         for col in ("config", "hit rate", "band", "accuracy", "drop pts", "prec vs fp32", "verified prec",
                     "threshold end", "bytes sent", "thr /s", "p50 ms", "p95 ms"):

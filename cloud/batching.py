@@ -74,6 +74,10 @@ class MicroBatcher:
             self._timers[key] = loop.call_later(self.timeout_s, self._flush, key)
         return await fut
 
+    def waiting(self) -> int:
+        """Requests in open batches (waiting for a free slot, company or the timeout)."""
+        return sum(len(b) for b in self._open.values())
+
     def _flush(self, key: Hashable) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:

@@ -2,6 +2,7 @@
 health, graceful shutdown, and the CLI (ready line, SIGTERM, one-line errors)."""
 
 import asyncio
+import threading
 import contextlib
 import json
 import signal
@@ -159,12 +160,37 @@ def test_batched_requests_with_several_rows_each(bundles, models):
         reqs += r
         expected += e
 
+    class Busy:
+        """The model, but its first run waits until every request has arrived: the compute thread
+        is busy, so (opportunistic batching) the others collect into one batch meanwhile."""
+
+        def __init__(self, model):
+            self.model, self.gate, self.started, self.first = model, threading.Event(), threading.Event(), True
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def run(self, cut, feeds):
+            if self.first:
+                self.first = False
+                self.started.set()
+                self.gate.wait(10)
+            return self.model.run(cut, feeds)
+
+    busy = Busy(models[0])
+
     async def go():
-        async with _server(models, max_batch=8, batch_timeout_ms=50) as (_, stub, _ch):
-            return await asyncio.gather(*(stub.Infer(r) for r in reqs))
+        async with _server([busy, models[1]], max_batch=8, batch_timeout_ms=10_000) as (running, stub, _ch):
+            first = asyncio.ensure_future(stub.Infer(reqs[0]))
+            await asyncio.get_running_loop().run_in_executor(None, busy.started.wait, 10)
+            rest = [asyncio.ensure_future(stub.Infer(r)) for r in reqs[1:]]
+            while running.servicer.batcher.waiting() < len(reqs) - 1:
+                await asyncio.sleep(0.01)
+            busy.gate.set()
+            return await asyncio.wait_for(asyncio.gather(first, *rest), 10)  # (not the 10 s timer)
 
     out = asyncio.run(go())
-    assert max(r.timing.batch_size for r in out) > 1
+    assert [r.timing.batch_size for r in out] == [1] + [len(reqs) - 1] * (len(reqs) - 1)
     for r, e in zip(out, expected):
         y = codec.decode(r.outputs[0])
         assert r.request_id == reqs[out.index(r)].request_id
