@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start --out afresh (default: resume, skipping inputs whose results it already has)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help="serve Prometheus metrics (answers by place, bytes, bandwidth, bits, semantic cache) on this port")
+    p.add_argument("--metrics-host", default="0.0.0.0", metavar="H", help="address for --metrics-port (default 0.0.0.0)")
 
 
 def results_written(path: Path) -> set[int]:
@@ -79,6 +82,17 @@ def run(args) -> int:
         raise UserError(f"--cut {args.cut}: the bundle has cuts {', '.join(agent.bundle.cuts)}")
     samples = open_source(args.source, agent.inputs)
     agent.connect()  # an unreachable or mismatched cloud fails here, before any output
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            from edge.metrics import agent_registry, serve_metrics
+        except ImportError:
+            raise UserError("--metrics-port needs prometheus-client: pip install 'coach-runtime[edge]'") from None
+        try:
+            metrics = serve_metrics(agent_registry(agent), args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            raise UserError(f"--metrics-port {args.metrics_port}: {exc.strerror}; pick a free port") from None
+        print(f"metrics on http://{args.metrics_host}:{metrics.server_address[1]}/metrics", file=sys.stderr)
     stats, status = RunStats(), StatusLine()
     out = None
     if args.out:
@@ -99,6 +113,9 @@ def run(args) -> int:
     finally:
         if out:
             out.close()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         if not args.quiet and stats.count:
             status.update(stats, agent, force=True)
             status.close()
