@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache/demo", help="where the dataset, model and bundle are kept")
     p.add_argument("--out", type=Path, default=ROOT / "demo-out", help="report directory")
     p.add_argument("--trace", default=str(TRACE), help="uplink trace (default: the shipped ATT LTE driving trace)")
-    p.add_argument("--inputs", type=int, default=150, help="inputs per method (default 150)")
+    p.add_argument("--inputs", type=int, default=150, help="inputs per method (default 150; the 60-window stream is looped)")
     p.add_argument("--seconds", type=float, default=20.0, help="at most this long per method (default 20)")
     p.add_argument("--epochs", type=int, default=12, help="GesFi training epochs (default 12)")
     p.add_argument("--fresh", action="store_true", help="rebuild the dataset, model and bundle")
@@ -113,7 +113,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     bundle = prepare(args)
     step(f"running the edge agent through the link emulator ({Path(args.trace).name}) against the cloud service")
-    result = evaluate(bundle, [args.trace], f"csi:{args.cache_dir / 'stream.npz'}", list_methods(), args.inputs,
+    result = evaluate(bundle, [args.trace], f"csi:{args.cache_dir / 'stream.npz'}?loop=1", list_methods(), args.inputs,
                       args.seconds, "const:50", 10.0, args.out,
                       progress=lambda tr, m: print(f"  {m} ...", flush=True), edge_slowdown=EDGE_SLOWDOWN)
     result["edge_slowdown"] = EDGE_SLOWDOWN
