@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime providers, best first, e.g. CUDA,CPU (default: TensorRT, CUDA, CPU as available)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests per micro-batch (1: no batching)")
     p.add_argument("--batch-timeout-ms", type=float, default=2.0, metavar="T",
-                   help="while the compute threads are busy, longest a request waits for others to batch with (default 2 ms; an idle compute thread takes a request at once)")
+                   help="while the compute threads are busy, longest a request waits for others to batch "
+                        "with (default 2 ms; an idle compute thread takes a request at once)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
                    help="serve Prometheus metrics on this port (same host as --listen)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="threads that parse and decode requests")
