@@ -63,5 +63,9 @@ def test_a_running_agent_serves_its_metrics_over_http(toy_bundle):
             server.shutdown()
             server.server_close()
     assert len(results) == 5
-    assert _sample(text, "coach_edge_answers_total", where="edge") == 5
+    local = {w: _sample(text, "coach_edge_answers_total", where=w) for w in ("edge", "fallback")}
+    # no cloud: all five computed here (as "edge" on an edge-only plan row, else as "fallback")
+    fallback = sum(r.cut.endswith(">local") for r in results)  # (the plan's cut, computed here instead)
+    assert local == {"edge": 5 - fallback, "fallback": fallback}
+    assert sum(local.values()) == 5
     assert _sample(text, "coach_edge_answers_total", where="cloud") == 0
