@@ -81,7 +81,6 @@ def run(args) -> int:
     if args.cut and args.cut not in agent.bundle.cuts:
         raise UserError(f"--cut {args.cut}: the bundle has cuts {', '.join(agent.bundle.cuts)}")
     samples = open_source(args.source, agent.inputs)
-    agent.connect()  # an unreachable or mismatched cloud fails here, before any output
     metrics = None
     if args.metrics_port is not None:
         try:
@@ -93,6 +92,7 @@ def run(args) -> int:
         except OSError as exc:
             raise UserError(f"--metrics-port {args.metrics_port}: {exc.strerror}; pick a free port") from None
         print(f"metrics on http://{args.metrics_host}:{metrics.server_address[1]}/metrics", file=sys.stderr)
+    agent.connect()  # an unreachable or mismatched cloud fails here, before any output
     stats, status = RunStats(), StatusLine()
     out = None
     if args.out:
