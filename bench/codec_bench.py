@@ -8,7 +8,6 @@ is codec throughput / copy throughput. Targets (issue 2): 8-bit >= 0.25x, 2/3/4/
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

@@ -6,7 +6,6 @@ import re
 import time
 from pathlib import Path
 
-import pytest
 
 from bench.link import LinkEmulator
 from bench.mahimahi import parse_trace

@@ -4,7 +4,6 @@ import asyncio
 
 import grpc
 import numpy as np
-import pytest
 
 from cloud.server import ServerConfig, start_server
 from protos import codec
