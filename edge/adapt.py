@@ -21,12 +21,22 @@ next decision's need: noise smaller than the margin cannot flip it back and fort
 is followed at the first estimate that shows it. Decisions are ordered by the bandwidth they need
 (`need_mbps`). With up_margin = 0 and up_hold = 1 the quantizer follows the memoryless rule.
 
+Banked accuracy (an extension of the rule; off when no `AccuracyBank` is given). The accuracy
+budget holds for the answers as a whole, not for each one. While the link has room, the rule sends
+at the highest admissible bits, whose measured drop is below the budget: the difference is kept in
+a bank (the decayed sum of the plan's measured drops of the answers given, against the budget times
+their decayed count; horizon `window` answers). When no admissible width keeps up with the link,
+a measured width below the admissible ones may be sent, if the bank can pay its drop, and if it
+gives a shorter period than the plan's answer for that bandwidth (its cut at the admissible bits).
+So the running drop of the answers stays within the budget while dips are ridden out at the cut's
+compute-bound period instead of a transmission-bound one or a slower cut.
+
 Everything is pure functions over small dataclasses, plus `AdaptiveQuantizer`, the state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class CutProfile:
     bytes_by_bits: dict[int, int]  # admissible bit widths only -> payload bytes per request
     overhead_bytes: int = 0  # framing per request (protobuf, HTTP/2), if not in the payload
     overhead_ms: float = 0.0  # fixed per-request time on the wire (the plan's per-message overhead)
+    below_bytes: dict[int, int] = field(default_factory=dict)  # measured widths under the admissible ones
+    drop_by_bits: dict[int, float] = field(default_factory=dict)  # the plan's measured drop (points) per width
 
     @property
     def target_ms(self) -> float:
@@ -49,8 +61,19 @@ class CutProfile:
         """T_t of this cut at `bits` over a `mbps` link."""
         if mbps <= 0:
             return float("inf")
-        nbytes = self.bytes_by_bits[bits] + self.overhead_bytes
-        return nbytes * 8 / (mbps * 1e3) + self.overhead_ms
+        return (self.payload(bits) + self.overhead_bytes) * 8 / (mbps * 1e3) + self.overhead_ms
+
+    def payload(self, bits: int) -> int:
+        """Payload bytes per request at `bits` (admissible, or one of the widths below them)."""
+        return self.bytes_by_bits[bits] if bits in self.bytes_by_bits else self.below_bytes[bits]
+
+    def period_ms(self, bits: int, mbps: float) -> float:
+        """The pipeline period of this cut at `bits`: max(T_e, T_t, T_c)."""
+        return max(self.target_ms, self.transmit_ms(bits, mbps))
+
+    def drop(self, bits: int) -> float:
+        """The plan's measured accuracy drop (points, >= 0) at `bits`; 0 where nothing was measured."""
+        return max(0.0, self.drop_by_bits.get(bits, 0.0))
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,33 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class AccuracyBank:
+    """The running accuracy drop of the answers given so far, against the budget (see the module doc).
+
+    `spent` and `count` are decayed sums (factor 1 - 1/window per answer) of the drops (points) and of
+    the answers, so a long good spell cannot pay for an arbitrarily long bad one."""
+
+    budget: float  # points of top-1 agreement with the full model
+    window: float = 200.0  # horizon of the decay, in answers
+    spent: float = 0.0
+    count: float = 0.0
+
+    @property
+    def keep(self) -> float:
+        return 1.0 - 1.0 / max(self.window, 1.0)
+
+
+def affords(bank: AccuracyBank, drop: float) -> bool:
+    """Can the next answer have this drop with the running drop staying within the budget?"""
+    return bank.spent * bank.keep + drop <= bank.budget * (bank.count * bank.keep + 1.0) + 1e-12
+
+
+def spend(bank: AccuracyBank, drop: float) -> AccuracyBank:
+    """The bank after one more answer with this drop."""
+    return replace(bank, spent=bank.spent * bank.keep + max(0.0, drop), count=bank.count * bank.keep + 1.0)
+
+
+@dataclass(frozen=True)
 class AdaptConfig:
     up_margin: float = 0.15  # take a decision that needs more only at estimate / (1 + margin)...
     up_hold: int = 3  # ...asked for this many estimates in a row
@@ -84,12 +134,21 @@ def need_mbps(cut: CutProfile, bits: int) -> float:
     room_ms = cut.target_ms - cut.overhead_ms
     if room_ms <= 0:
         return float("inf")
-    return (cut.bytes_by_bits[bits] + cut.overhead_bytes) * 8 / (room_ms * 1e3)
+    return (cut.payload(bits) + cut.overhead_bytes) * 8 / (room_ms * 1e3)
 
 
 def highest_fitting_bits(cut: CutProfile, mbps: float) -> int | None:
     """The highest admissible bits with T_t <= max(T_e, T_c), or None if none fits."""
     fitting = [b for b in cut.bytes_by_bits if cut.transmit_ms(b, mbps) <= cut.target_ms]
+    return max(fitting) if fitting else None
+
+
+def banked_bits(cut: CutProfile, mbps: float, bank: AccuracyBank | None) -> int | None:
+    """The highest width below the admissible ones that keeps up with the link and that the bank can pay."""
+    if bank is None:
+        return None
+    fitting = [b for b in cut.below_bytes
+               if cut.transmit_ms(b, mbps) <= cut.target_ms and affords(bank, cut.drop(b))]
     return max(fitting) if fitting else None
 
 
@@ -111,6 +170,7 @@ def decide(
     cuts: dict[str, CutProfile],
     plan: list[PlanRow],
     return_to_plan: bool = True,
+    bank: AccuracyBank | None = None,
 ) -> Decision:
     """The memoryless rule: a decision for bandwidth `mbps` when running `current_cut`."""
     row = plan_row_for(plan, mbps)
@@ -124,8 +184,13 @@ def decide(
             why = "transmission-bound at any bits"
         else:
             why = f"{bits} bits fit"
-        return Decision(row.cut_id, bits, f"cut {cut_id} cannot keep up at {mbps:.2f} Mbit/s; "
-                        f"plan cut for {row.bandwidth_mbps:g} Mbit/s ({why})")
+        planned = Decision(row.cut_id, bits, f"cut {cut_id} cannot keep up at {mbps:.2f} Mbit/s; "
+                           f"plan cut for {row.bandwidth_mbps:g} Mbit/s ({why})")
+        below = banked_bits(cuts[cut_id], mbps, bank)
+        if below is not None and cuts[cut_id].period_ms(below, mbps) < plan_cut.period_ms(bits, mbps):
+            return Decision(cut_id, below, f"no admissible bits keep up at {mbps:.2f} Mbit/s; "
+                            f"{below} bits on banked accuracy")
+        return planned
     if return_to_plan and row.cut_id != cut_id:
         plan_bits = highest_fitting_bits(cuts[row.cut_id], mbps)
         if plan_bits is not None:
@@ -135,12 +200,15 @@ def decide(
 
 
 def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: list[PlanRow],
-          return_to_plan: bool = True) -> bool:
-    """Can `decision` stay at this bandwidth: it makes no bubble, or nothing would do better?"""
+          return_to_plan: bool = True, bank: AccuracyBank | None = None) -> bool:
+    """Can `decision` stay at this bandwidth: it makes no bubble (and, below the admissible widths,
+    the bank still pays for it), or nothing would do better?"""
     cut = cuts[decision.cut_id]
+    if decision.bits in cut.below_bytes and (bank is None or not affords(bank, cut.drop(decision.bits))):
+        return False
     if cut.transmit_ms(decision.bits, mbps) <= cut.target_ms:
         return True
-    return decide(mbps, decision.cut_id, cuts, plan, return_to_plan) == decision
+    return decide(mbps, decision.cut_id, cuts, plan, return_to_plan, bank) == decision
 
 
 def next_decision(
@@ -150,14 +218,15 @@ def next_decision(
     cuts: dict[str, CutProfile],
     plan: list[PlanRow],
     config: AdaptConfig,
+    bank: AccuracyBank | None = None,
 ) -> tuple[Decision, int]:
     """One step of the hysteresis: (decision to use now, consecutive up-requests so far)."""
     if current is None:
-        return decide(mbps, None, cuts, plan, config.return_to_plan), 0
-    if not holds(current, mbps, cuts, plan, config.return_to_plan):  # a bubble: down at once
-        return decide(mbps, current.cut_id, cuts, plan, config.return_to_plan), 0
+        return decide(mbps, None, cuts, plan, config.return_to_plan, bank), 0
+    if not holds(current, mbps, cuts, plan, config.return_to_plan, bank):  # a bubble: down at once
+        return decide(mbps, current.cut_id, cuts, plan, config.return_to_plan, bank), 0
     deflated = mbps / (1 + config.up_margin)
-    wanted = decide(deflated, current.cut_id, cuts, plan, config.return_to_plan)
+    wanted = decide(deflated, current.cut_id, cuts, plan, config.return_to_plan, bank)
     need = lambda d: need_mbps(cuts[d.cut_id], d.bits)  # noqa: E731
     if wanted == current or need(wanted) <= need(current):
         return current, 0  # in the dead band
@@ -178,8 +247,10 @@ class AdaptiveQuantizer:
         plan: list[PlanRow],
         config: AdaptConfig | None = None,
         initial: Decision | None = None,
+        bank: AccuracyBank | None = None,
     ):
         self.cuts = {c.cut_id: c for c in cuts}
+        self.bank = bank  # None: never below the admissible widths
         self.plan = list(plan)
         self.config = config or AdaptConfig()
         if not self.plan:
@@ -200,8 +271,13 @@ class AdaptiveQuantizer:
 
         None, or the same value as last time (the estimator had nothing new), is no news: it
         returns the current decision and does not count towards `up_hold`, so callers may ask
-        once per request even when estimates arrive less often.
+        once per request even when estimates arrive less often. A decision below the admissible
+        widths is left as soon as the bank can no longer pay for it, news or not.
         """
+        if self.decision is not None and self._last is not None and self._overdrawn():
+            return self._step(self._last)
+        if estimate_mbps is not None and estimate_mbps <= 0 and self.decision is not None:
+            estimate_mbps = 1e-6  # a measured outage: as little as can be (before any decision: no news)
         if estimate_mbps is not None and estimate_mbps == self._last and self.decision is not None:
             return self.decision
         if estimate_mbps is not None:
@@ -214,11 +290,25 @@ class AdaptiveQuantizer:
                 why = "no estimate yet: the plan's lowest level"
                 self.decision = Decision(row.cut_id, bits, why)
             return self.decision
+        return self._step(estimate_mbps)
+
+    def record(self, cut_id: str, bits: int | None) -> None:
+        """One answer was given: sent on `cut_id` at `bits`, or computed in full on the edge (bits None)."""
+        if self.bank is not None:
+            drop = 0.0 if bits is None or cut_id not in self.cuts else self.cuts[cut_id].drop(bits)
+            self.bank = spend(self.bank, drop)
+
+    def _overdrawn(self) -> bool:
+        d = self.decision
+        cut = self.cuts.get(d.cut_id) if d is not None else None
+        return (cut is not None and d.bits in cut.below_bytes
+                and (self.bank is None or not affords(self.bank, cut.drop(d.bits))))
+
+    def _step(self, estimate_mbps: float) -> Decision:
         new, self._ups = next_decision(
-            self.decision, self._ups, estimate_mbps, self.cuts, self.plan, self.config
+            self.decision, self._ups, estimate_mbps, self.cuts, self.plan, self.config, self.bank
         )
         if self.decision is not None and new != self.decision:
             self.changes += 1
-        if new != self.decision:
-            self.decision = new
+        self.decision = new
         return self.decision

@@ -24,9 +24,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import AdaptiveQuantizer, CutProfile, Decision
+from edge.adapt import AccuracyBank, AdaptiveQuantizer, CutProfile, Decision
 from edge.adapt import PlanRow as AdaptRow
-from edge.bandwidth import BandwidthEstimator, Observation
+from edge.bandwidth import BandwidthEstimator, Observation, stall_bound_mbps
 from edge.cloud_link import CloudLink, LinkConfig
 from edge.sample import Sample
 from edge.semantic_cache import CacheConfig, CacheDecision, SemanticCache
@@ -60,6 +60,8 @@ class AgentConfig:
     cache_update: bool = True  # move the centers with the cloud's answers
     cache_band: bool = True  # fewer bits in the margin band
     cache_verify: float = 0.1  # share of cache hits still sent to the cloud to check them
+    bank: bool = True  # on dips, widths below the admissible ones paid by the budget's slack (edge/adapt.py)
+    bank_window: float = 200.0  # horizon (answers) of the running accuracy drop
 
 
 @dataclass
@@ -103,6 +105,7 @@ class _Item:
     feature: np.ndarray | None = None  # pooled cut feature, when the cut has a semantic cache
     cache: CacheDecision | None = None
     verify_only: bool = False  # a cache hit sent only to check it: its answer is no result
+    charged: bool = False  # its drop at the bits it was sent with is in the quantizer's accuracy bank
 
 
 def _payload_bytes(cut, bits: int) -> int:
@@ -149,6 +152,7 @@ class Agent:
         self._local: queue.Queue = queue.Queue()
         self._next_id = 0
         self._probe_left, self._last_probe = 0, -1e9
+        self._last_answer = -1e9  # perf_counter of the latest answer from the cloud
 
     def _make_quantizer(self) -> AdaptiveQuantizer:
         """Adaptive bits (and cut switching) over the plan's cuts; --cut/--bits pin either."""
@@ -169,13 +173,30 @@ class Agent:
                 sizes = {fixed: _payload_bytes(c, fixed)}
             else:
                 sizes = {q.bits: q.bytes for q in c.quantization if q.admissible}
-            profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes))
+            measured = {q.bits: q.accuracy_drop for q in c.quantization if q.accuracy_drop is not None}
+            below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
+                     and not q.admissible and q.bits in measured and q.bits < min(sizes)}
+            profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured))
         rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
         if row_bits is not None:
             profiles = [p for p in profiles if p.cut_id in row_bits or p.cut_id == cfg.cut]
         if cfg.cut:
             profiles = [p for p in profiles if p.cut_id == cfg.cut]
-        return AdaptiveQuantizer(profiles, rows)
+        bank = None
+        if cfg.bank and cfg.bits is None and row_bits is None:
+            bank = AccuracyBank(budget=self._bank_budget(), window=cfg.bank_window)
+        return AdaptiveQuantizer(profiles, rows, bank=bank)
+
+    def _bank_budget(self) -> float:
+        """The plan's accuracy budget less what the semantic cache plans to spend of it (its hits'
+        disagreement and its band's drop), when the cache is on."""
+        b, worst = self.bundle, 0.0
+        for cid in b.cuts if self.config.cache else ():
+            spec = b.cache_for(cid)
+            if spec is not None and spec.hit is not None:
+                hits = 100.0 * spec.hit_rate * (1.0 - (spec.precision or 0.0))
+                worst = max(worst, hits + (spec.band_drop or 0.0) if spec.band_bits is not None else hits)
+        return max(0.0, b.accuracy_budget - worst)
 
     def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None) -> None:
         """Measured stage times replace the plan's predictions (EMA), so the bits follow reality."""
@@ -420,6 +441,10 @@ class Agent:
             d = self._decide()
             if d.cut_id == item.cut:
                 item.bits = d.bits
+        if not banded and not item.verify_only and not item.charged:  # the cache pays for its band and hits
+            with self._lock:
+                self.quantizer.record(item.cut, item.bits)
+            item.charged = True  # charged when sent: answered locally after a failure, it is not charged again
         cut = self.bundle.cuts[item.cut]
         t0 = time.perf_counter()
         tensors = [codec.encode(item.tensors[t.name], item.bits, axis=t.quant_axis if item.bits <= 8 else None,
@@ -452,7 +477,7 @@ class Agent:
         return item
 
     def _on_response(self, resp: pb.InferResponse) -> None:
-        t_recv = time.perf_counter()
+        t_recv = self._last_answer = time.perf_counter()
         item = self._take(resp.request_id)
         if item is None:
             self.stats["late"] += 1  # already computed locally
@@ -466,7 +491,7 @@ class Agent:
         rtt_ms = (t_recv - item.t_sent) * 1e3
         wire_ms = max(rtt_ms - server_ms, 0.0)
         self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns, nbytes=st.bytes_received))
-        self._observe(item.cut, cloud_ms=st.queue_ms + st.decode_ms + st.compute_ms)
+        self._observe(item.cut, cloud_ms=st.decode_ms + st.compute_ms)  # service time: a queue is not T_c
         top = resp.topk[0] if resp.topk else pb.ClassScore(index=-1, score=0.0)
         if item.feature is not None:
             self.caches[item.cut].observe(item.feature, top.index, item.cache)
@@ -511,6 +536,8 @@ class Agent:
         edge_ms = self._stretch(t0) + item.head_ms
         with self._lock:
             self.stats["fallback" if fallback else "edge"] += 1
+            if not item.charged:
+                self.quantizer.record(item.cut, None)  # the full model's own answer: no drop
         timing = {"edge_ms": edge_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,
                   "total_ms": (time.perf_counter() - item.t_capture) * 1e3}
         return item.seq, Result(id=item.sample.id, cls=cls, score=score, where="edge", bits=None,
@@ -521,4 +548,17 @@ class Agent:
 
     def _decide(self) -> Decision:
         with self._lock:
-            return self.quantizer.update(self.estimator.estimate_mbps())
+            return self.quantizer.update(self._bandwidth())
+
+    def _bandwidth(self) -> float | None:
+        """The estimator's figure, or, when answers are overdue by far (an outage, during which no
+        sample arrives), the stall bound (edge/bandwidth.stall_bound_mbps) if it is under half of it.
+        Called with the lock held."""
+        est = self.estimator.estimate_mbps()
+        if not self._pending or est is None:
+            return est
+        oldest = self._pending[min(self._pending)]
+        cut = self.quantizer.cuts.get(oldest.cut)
+        waited_ms = (time.perf_counter() - max(oldest.t_sent, self._last_answer)) * 1e3
+        bound = stall_bound_mbps(oldest.nbytes, waited_ms, cut.cloud_ms if cut else 0.0)
+        return bound if bound < 0.5 * est else est

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="switch the semantic cache off")
     p.add_argument("--bits", type=int, help="fixed bit width (disables adaptive quantization)")
     p.add_argument("--cut", help="fixed cut id (disables cut switching)")
+    p.add_argument("--no-accuracy-bank", action="store_true",
+                   help="never send below the plan's admissible bit widths (default: on dips, when the running "
+                        "accuracy drop has room in the budget, narrower measured widths keep the link up)")
     p.add_argument("--compress", choices=["zstd", "lz4"], help="lossless stage on the packed tensor")
     p.add_argument("--max-inflight", type=int, default=8, help="requests on the wire at once (default 8)")
     p.add_argument("--deadline-ms", type=float, default=5000.0, help="compute locally past this (default 5000)")
@@ -70,7 +73,7 @@ def run(args) -> int:
     cfg = AgentConfig(cloud=args.cloud, providers=args.providers.split(",") if args.providers else None,
                       threads=args.threads, max_inflight=args.max_inflight, deadline_ms=args.deadline_ms,
                       bits=args.bits, cut=args.cut, compress=args.compress, offline_ok=args.offline_ok, link=link,
-                      plan=args.plan, cache=not args.no_cache)
+                      plan=args.plan, cache=not args.no_cache, bank=not args.no_accuracy_bank)
     import signal
 
     def stop(*_):  # systemd stops with SIGTERM: finish like Ctrl-C (results written so far are kept)

@@ -36,6 +36,7 @@ from edge.bandwidth import (
     make_sample,
     percentile,
     robust_mbps,
+    stall_bound_mbps,
 )
 
 TRACES = ["ATT-LTE-driving-2016.up", "Verizon-LTE-short.up", "TMobile-LTE-short.up"]
@@ -238,3 +239,36 @@ def test_window_config_is_used():
     long = estimate_series(obs, EstimatorConfig(window_s=2.0))
     # a longer window smooths: its estimate varies less from request to request
     assert np.std(np.diff(long[10:])) < np.std(np.diff(short[10:]))
+
+
+def test_stall_bound_is_an_upper_bound_that_falls_in_outages():
+    """16 KB requests every 30 ms through the ATT uplink (TraceLink), answered 25 ms after they arrive.
+    Every 10 ms the bound from the oldest unanswered request is taken. It never under-states the
+    trace's capacity over the time it covers by more than one packet's worth, and in the trace's
+    outages (no capacity for >= 500 ms) it falls below 0.5 Mbit/s, while the last answer came
+    before the outage, so the estimator has no sample to show it."""
+    trace = load_trace("ATT-LTE-driving-2016.up")
+    link = TraceLink(trace)
+    nbytes, cloud_ms, period = 16000, 25.0, 30.0
+    sends = np.arange(0.0, 20000.0, period)
+    answers = np.array([link.send(t, nbytes) for t in sends]) + cloud_ms
+    below, outage_steps = [], 0
+    for now in np.arange(100.0, 20000.0, 10.0):
+        out = np.flatnonzero((sends <= now) & (answers > now))
+        if out.size == 0:
+            continue
+        i = out[0]
+        done = answers[answers <= now]
+        start = max(sends[i], done.max() if done.size else -np.inf)
+        waited = now - start
+        bound = stall_bound_mbps(nbytes, waited, cloud_ms)
+        if waited - cloud_ms > 5.0:
+            cap = capacity_mbps(trace, start, now - cloud_ms)
+            slack = 1500 * 8 / ((now - cloud_ms - start) * 1e3)  # one opportunity's packet
+            assert bound >= cap - slack - 1e-9, (now, bound, cap)
+        if capacity_mbps(trace, now - 500.0, now) == 0.0:
+            outage_steps += 1
+            below.append(bound < 0.5)
+    assert outage_steps > 50  # the trace has outages in its first 20 s
+    assert np.mean(below) >= 0.9, np.mean(below)
+    assert stall_bound_mbps(1000, 5.0, 10.0) == pytest.approx(1000 * 8 / 1e3)  # floor: 1 ms
