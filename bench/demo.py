@@ -68,16 +68,17 @@ def calibration_npz(data_dir: Path, out: Path, n: int = 400, seed: int = 0) -> N
 
 def prepare(args) -> Path:
     from edge.gesfi.preprocess import PREPROCESS_VERSION
+    from models.gesfi.simulate import SIM_VERSION
 
     c = args.cache_dir
-    stamp = c / "preprocess_version"
-    stale = c.exists() and (not stamp.exists() or stamp.read_text().strip() != PREPROCESS_VERSION)
-    if (args.fresh or stale) and c.exists():  # images made by other preprocessing would skew train vs serve
+    stamp, version = c / "preprocess_version", f"{PREPROCESS_VERSION} simulator {SIM_VERSION}"
+    stale = c.exists() and (not stamp.exists() or stamp.read_text().strip() != version)
+    if (args.fresh or stale) and c.exists():  # data from other preprocessing or physics would skew train vs serve
         import shutil
 
         shutil.rmtree(c)
     c.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(PREPROCESS_VERSION + "\n")
+    stamp.write_text(version + "\n")
     data, stream, model = c / "data", c / "stream", c / "model"
     if not (data / "manifest.json").exists():
         step("simulating the training set (CSI of 6 gestures across locations, orientations, rooms, users)")

@@ -13,7 +13,9 @@ from coach_runtime.cli import main
 from models.gesfi.dataset import DatasetSpec, build_dataset, save_dataset
 from models.gesfi.export import INPUT_NAME, OUTPUT_NAME, export_onnx, load_weights, save_weights, verify_onnx
 from models.gesfi.net import GesFiNet, grad_reverse, n_params
-from models.gesfi.train import TrainConfig, accuracy, cluster_domains, train
+from models.gesfi.train import (
+    TrainConfig, accuracy, cluster_domains, learn_domain_feature, probe_accuracy, standardize_within_classes, train,
+)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -54,6 +56,37 @@ def test_cluster_domains_picks_k_by_silhouette():
     assert k2 == 5 and list(table2) == [5]
 
 
+def test_classwise_standardisation_strips_a_linear_class_signal():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 60)
+    dom = rng.integers(0, 2, size=len(y))
+    z = np.stack([3.0 * y + rng.normal(0, 0.3, len(y)), 2.0 * dom + rng.normal(0, 0.3, len(y))], axis=1)
+    assert probe_accuracy(z, y, 0) > 0.9 and probe_accuracy(z, dom, 0) > 0.9
+    zc = standardize_within_classes(z, y)
+    assert probe_accuracy(zc, y, 0) < 0.45  # chance is 0.25
+    assert probe_accuracy(zc, dom, 0) > 0.9  # the domain survives
+    for c in range(4):
+        assert np.allclose(zc[y == c].mean(0), 0, atol=1e-5) and np.allclose(zc[y == c].std(0), 1, atol=1e-3)
+
+
+def test_profile_domain_feature_ignores_when_the_gesture_happens(small):
+    """domain_input='profile' sees the Doppler profile only: shifting the images in time changes nothing."""
+    data, _ = small
+    x, y = data.x[:48], data.y[:48]
+    shifted = np.roll(x, 7, axis=-1)
+    feats = {}
+    for inp in ("profile", "image"):
+        cfg = TrainConfig(mine_epochs=2, batch_size=16, domain_input=inp, threads=1)
+        for name, xx in (("orig", x), ("shift", shifted)):
+            torch.manual_seed(0)
+            feats[inp, name] = learn_domain_feature(xx, y, data.n_classes, cfg)
+    assert feats["profile", "orig"].shape == (48, 16)
+    assert np.allclose(feats["profile", "orig"], feats["profile", "shift"], atol=1e-5)
+    assert not np.allclose(feats["image", "orig"], feats["image", "shift"], atol=1e-3)
+    with pytest.raises(ValueError):
+        TrainConfig(domain_input="spectrum")
+
+
 def test_erm_learns(small):
     """A test-sized configuration learns the gestures well above chance (1/6) on held-out samples."""
     data, _ = small
@@ -74,7 +107,8 @@ def test_dann_and_gesfi_run(small):
     lat = g.latent
     assert lat is not None and 2 <= lat.k <= 4 and set(lat.silhouette) == {2, 3, 4}
     assert lat.labels.shape == g.train_idx.shape and set(lat.labels) == set(range(lat.k))
-    assert {"nmi_gesture", "nmi_orientation"} <= set(lat.diagnostics)
+    assert {"nmi_gesture", "nmi_orientation", "gesture_probe_acc"} <= set(lat.diagnostics)
+    assert 0 <= lat.diagnostics["gesture_probe_acc"] <= 1
 
 
 def test_export_matches_torch_and_has_dynamic_batch(tmp_path):

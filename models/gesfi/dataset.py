@@ -28,8 +28,8 @@ from coach_runtime.errors import UserError
 from edge.gesfi import preprocess
 from edge.gesfi.preprocess import PreprocessConfig, doppler_image
 from models.gesfi.simulate import (
-    DOMAIN_VALUES, FACTORS, GESTURES, LOCATIONS, ORIENTATIONS_DEG, ROOMS, USERS, SimConfig, make_scene,
-    simulate_csi,
+    DOMAIN_VALUES, FACTORS, GESTURES, LOCATIONS, ORIENTATIONS_DEG, ROOMS, SIM_VERSION, USERS, SimConfig,
+    make_scene, simulate_csi,
 )
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def make_manifest(spec: DatasetSpec, sim_cfg: SimConfig, pre_cfg: PreprocessConf
         "factors": {f: list(DOMAIN_VALUES[f]) for f in FACTORS},
         "spec": asdict(spec),
         "simulator": asdict(sim_cfg),
+        "simulator_version": SIM_VERSION,
         "preprocess": asdict(pre_cfg),
         "preprocess_version": getattr(preprocess, "PREPROCESS_VERSION", "unknown"),
         "created_by": "coach gesfi simulate",

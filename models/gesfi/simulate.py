@@ -9,8 +9,19 @@ antenna a of receiver r on subcarrier k at packet t is a sum of propagation path
 - static paths: line of sight, first-order images in the four walls, the floor and the ceiling
   (reflection coefficient of the room) and the room's furniture (point scatterers);
 - moving paths: the hand (two hands for clap) moving along the gesture trajectory, the forearm
-  (half-way between shoulder and hand), the torso swaying a little; the hand is also seen through
-  first-order echoes in the four walls (Tx -> wall -> hand -> Rx), so the room shapes the signature.
+  (half-way between shoulder and hand, the elbow held out by a per-user amount), the torso swaying a
+  little and leaning into the gesture (each user follows the hand with the upper body by a
+  per-user fraction, ~0.1 s late: the torso is the largest reflector, so a small lean is a strong,
+  slow Doppler component that differs between users); the hand is also seen through first-order
+  echoes in the four walls (Tx -> wall -> hand -> Rx), so the room shapes the signature;
+- body blockage: a path from the hand or forearm that passes through the user's torso (a vertical
+  cylinder of radius 0.2 m) loses ~12 dB (5 GHz through a body, softened over 5 cm by
+  diffraction), so which links see the hand depends on where the user stands and faces;
+- other people (SimConfig.walkers, off by default: datasets such as Widar3.0 are collected with
+  nobody else about): each room has a number of people walking about outside the sensing area
+  (0.4-1.2 m/s, each present in a given recording with probability 0.6), an interference with
+  Doppler up to ~45 Hz that the preprocessing cannot remove (summed exactly, no small-motion
+  expansion). With them on, in-domain accuracy falls to ~87% for every method.
 A moving path of length d(t) shows up with Doppler f_D = -(1/lambda) dd/dt, lambda = c / fc.
 
 Each receiver is its own NIC: per-packet common phase offset (CFO), timing offset (a phase slope
@@ -19,8 +30,13 @@ white noise at the room's SNR.
 
 Domains (the factors a deployment changes): location of the user (5), facing orientation (5),
 room (3: size, walls, furniture, device placement, noise) and user (5: speed, scale and style:
-tilt of the gesture plane, velocity profile, hand height, hand size). Everything is seeded and
-deterministic: `make_scene(..., rng)` and `simulate_csi(scene, cfg, rng)`.
+tilt of the gesture plane, velocity profile, hand height, hand size, how much the upper body
+follows the hand, how far the elbow is held out). Everything is seeded and deterministic:
+`make_scene(..., rng)` and `simulate_csi(scene, cfg, rng)`.
+
+SIM_VERSION is recorded in every dataset manifest; it changes whenever the simulator's output does.
+Version 1: static multipath, hand/forearm/torso sway, wall echoes of the hand, NIC impairments.
+Version 2: + per-user upper-body lean and elbow style, body blockage, walkers in the room.
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+SIM_VERSION = "2"
 C_LIGHT = 299_792_458.0
 # Intel 5300 reports 30 of the 56 subcarriers of a 20 MHz channel (grouping Ng=2).
 INTEL5300_SUBCARRIERS = tuple(list(range(-28, -1, 2)) + [-1, 1] + list(range(3, 28, 2)) + [28])
@@ -51,6 +68,9 @@ class SimConfig:
     torso: bool = True
     impairments: bool = True  # per-packet phase/timing offsets and gain jitter
     noise: bool = True
+    body_motion: bool = True  # per-user lean of the upper body and elbow style
+    blockage: bool = True  # the torso shadows the hand's paths behind it
+    walkers: bool = False  # other people walking about in the room (off: a controlled collection)
 
     @property
     def wavelength(self) -> float:
@@ -76,14 +96,15 @@ class Room:
     layout_scale: float  # device distance from the centre, relative to the standard 1.3 m
     layout_rot_deg: float  # deployment rotated about the centre
     seed: int  # places the furniture and the antenna array axes
+    walkers: int = 0  # people walking about outside the sensing area (interference)
 
 
 # The deployment is the standard one in every room, give or take a few centimetres and degrees;
 # rooms differ by their multipath (walls, furniture, echoes of the hand) and noise.
 ROOMS = (
-    Room("classroom", (8.0, 6.5, 3.2), (3.6, 3.0), 0.45, 14, 30.0, 1.00, 0.0, 11),
-    Room("hall", (14.0, 11.0, 4.5), (6.0, 5.0), 0.30, 6, 33.0, 1.04, 4.0, 22),
-    Room("office", (4.6, 4.2, 2.8), (2.3, 2.1), 0.60, 20, 27.0, 0.96, -3.0, 33),
+    Room("classroom", (8.0, 6.5, 3.2), (3.6, 3.0), 0.45, 14, 30.0, 1.00, 0.0, 11, walkers=1),
+    Room("hall", (14.0, 11.0, 4.5), (6.0, 5.0), 0.30, 6, 33.0, 1.04, 4.0, 22, walkers=2),
+    Room("office", (4.6, 4.2, 2.8), (2.3, 2.1), 0.60, 20, 27.0, 0.96, -3.0, 33, walkers=0),
 )
 
 # Standard deployment relative to the sensing-area centre (x, y, z): Tx in one corner, three
@@ -105,14 +126,16 @@ class User:
     skew: float  # velocity-profile warp exponent: < 1 fast start, > 1 slow start (style)
     hand_height: float  # metres above the floor
     hand_size: float  # relative radar cross-section of the hand
+    lean: float = 0.0  # fraction of the hand's displacement the upper body follows (style)
+    elbow_out: float = 0.0  # metres the elbow is held out from the body (style)
 
 
 USERS = (
-    User("u1", 1.00, 1.00, 0.0, 1.00, 1.10, 1.0),
-    User("u2", 1.25, 0.85, 12.0, 0.80, 1.05, 0.8),
-    User("u3", 0.82, 1.20, -10.0, 1.25, 1.20, 1.2),
-    User("u4", 1.10, 1.10, 5.0, 1.10, 1.00, 0.9),
-    User("u5", 0.92, 0.82, -15.0, 0.90, 1.15, 1.1),
+    User("u1", 1.00, 1.00, 0.0, 1.00, 1.10, 1.0, lean=0.10, elbow_out=0.04),
+    User("u2", 1.25, 0.85, 12.0, 0.80, 1.05, 0.8, lean=0.25, elbow_out=0.10),
+    User("u3", 0.82, 1.20, -10.0, 1.25, 1.20, 1.2, lean=0.04, elbow_out=0.00),
+    User("u4", 1.10, 1.10, 5.0, 1.10, 1.00, 0.9, lean=0.18, elbow_out=0.06),
+    User("u5", 0.92, 0.82, -15.0, 0.90, 1.15, 1.1, lean=0.02, elbow_out=0.12),
 )
 
 DOMAIN_VALUES = {
@@ -205,13 +228,50 @@ def make_scene(
     name = GESTURES[gesture]
     duration = min(DURATION_S[name] / speed, cfg.duration_s - 0.25)  # the gesture fits the window
     t0 = float(rng.uniform(0.1, max(0.1, cfg.duration_s - duration - 0.1)))
+    sway_phase = float(rng.uniform(0, 2 * np.pi))
+    extra = {"walkers": _draw_walkers(rm, rng) if cfg.walkers else np.zeros((0, 2, 3))}
     return Scene(
         gesture=gesture,
         domain={"location": location, "orientation": orientation, "room": room, "user": user},
         room=rm, tx=tx, rx=rx, rx_axis=axis, scatterers=scat, scatterer_rcs=rcs,
         body=body, facing_rad=float(facing), user=us, speed=speed, scale=scale,
-        t0=t0, duration=duration, sway_phase=float(rng.uniform(0, 2 * np.pi)),
+        t0=t0, duration=duration, sway_phase=sway_phase, extra=extra,
     )
+
+
+WALKER_PRESENT = 0.6  # probability that each of a room's walkers is about during a recording
+WALKER_RCS = 0.5  # a whole person
+WALKER_HEIGHT = 1.1  # centre of the torso (m)
+
+
+def _draw_walkers(room: Room, rng: np.random.Generator) -> np.ndarray:
+    """(M, 2, 3): start point and velocity of each walker present, >= 1.5 m from the area's centre."""
+    out = []
+    lo, hi = np.array([0.3, 0.3]), np.array(room.size[:2]) - 0.3
+    for _ in range(room.walkers):
+        present = rng.random() < WALKER_PRESENT
+        for _ in range(100):  # rejection sampling: outside the sensing area
+            p = rng.uniform(lo, hi)
+            if np.linalg.norm(p - np.array(room.center)) > 1.5:
+                break
+        heading = rng.uniform(0, 2 * np.pi)
+        speed = rng.uniform(0.4, 1.2)
+        if present:
+            out.append([[p[0], p[1], WALKER_HEIGHT], [speed * np.cos(heading), speed * np.sin(heading), 0.0]])
+    return np.array(out, float).reshape(-1, 2, 3)
+
+
+def walker_positions(scene: Scene, cfg: SimConfig) -> np.ndarray:
+    """(T, M, 3): walkers go straight and turn back at 0.3 m from the walls (folded trajectory)."""
+    w = scene.extra.get("walkers", np.zeros((0, 2, 3)))
+    t = scene_time(cfg)
+    p = w[None, :, 0, :] + t[:, None, None] * w[None, :, 1, :]  # (T, M, 3)
+    for ax in range(2):
+        lo, hi = 0.3, scene.room.size[ax] - 0.3
+        span = hi - lo
+        u = np.mod(p[..., ax] - lo, 2 * span)
+        p[..., ax] = lo + np.where(u > span, 2 * span - u, u)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,20 +353,30 @@ def reflectors(scene: Scene, cfg: SimConfig) -> tuple[np.ndarray, np.ndarray, np
         return base + local[..., :1] * fwd + local[..., 1:2] * left + local[..., 2:3] * up
 
     pts, rcs, hand = [], [], []
+    disp = []
     for i, (move, rest) in enumerate(zip(moves, rests)):
         tilt = us.tilt_deg if i == 0 else -us.tilt_deg  # the second clap hand mirrors the style
-        hand_local = rest + _rot2(move.T * scene.scale, tilt).T
+        d = _rot2(move.T * scene.scale, tilt).T
+        disp.append(d)
+        hand_local = rest + d
         pts.append(to_room(hand_local))
         rcs.append(0.12 * us.hand_size)
         hand.append(True)
-        if cfg.arm:  # forearm: half-way between shoulder and hand
+        if cfg.arm:  # forearm: half-way between shoulder and hand, the elbow held out sideways
+            side = -1.0 if rest[1] > 0 else 1.0  # +1: right arm (out = -L), -1: left arm
             sh = _SHOULDER_R * (np.array([1, -1, 1]) if rest[1] > 0 else 1)
-            pts.append(to_room(0.5 * (sh + hand_local)))
+            elbow = np.array([0.0, -side * us.elbow_out, 0.0]) if cfg.body_motion else 0.0
+            pts.append(to_room(0.5 * (sh + hand_local) + elbow))
             rcs.append(0.06 * us.hand_size)
             hand.append(False)
-    if cfg.torso:  # torso: a large reflector swaying by ~1 cm
+    if cfg.torso:  # torso: a large reflector swaying by ~1 cm, leaning into the gesture
         sway = 0.01 * np.sin(2 * np.pi * 0.3 * t + scene.sway_phase)
         torso_local = np.stack([sway, np.zeros_like(t), np.full_like(t, 0.2)], axis=1)
+        if cfg.body_motion and us.lean > 0:
+            lag = int(round(0.1 * cfg.fs))  # the body follows the hand ~0.1 s late
+            mean_disp = np.mean(disp, axis=0)  # (T, 3); the two clap hands' sideways parts cancel
+            lagged = np.concatenate([np.repeat(mean_disp[:1], lag, axis=0), mean_disp[: len(t) - lag]])
+            torso_local = torso_local + us.lean * lagged * np.array([1.0, 1.0, 0.0])
         pts.append(to_room(torso_local))
         rcs.append(0.3)
         hand.append(False)
@@ -359,13 +429,47 @@ def moving_paths(scene: Scene, ants: np.ndarray, cfg: SimConfig) -> tuple[np.nda
         srcs += [im[None, None, :] for im in imgs]
         gains += [scene.room.gamma] * len(imgs)
     d2 = np.linalg.norm(pts[:, :, None, None, :] - ants[None, None], axis=-1)  # (T, Q, R, A)
+    n_body = len(hand) - (1 if cfg.torso else 0)  # hands and forearms (the torso is last)
+    blocked_rx = np.ones((len(pts), len(hand), len(scene.rx)), np.float64)  # (T, Q, R)
+    if cfg.blockage:
+        blocked_rx[:, :n_body] = _blockage(pts[:, :n_body], scene.rx[None, None], scene.body)
     lens, amps = [], []
     for k, (src, g) in enumerate(zip(srcs, gains)):
         sel = slice(None) if k == 0 else hand  # echoes only for the hands
         d1 = np.linalg.norm(pts[:, sel] - src, axis=-1)  # (T, q)
+        att = blocked_rx[:, sel][..., None]  # (T, q, R, 1)
+        if cfg.blockage:
+            tx_leg = np.ones(d1.shape)
+            body_sel = np.arange(len(hand))[sel] < n_body
+            tx_leg[:, body_sel] = _blockage(pts[:, sel][:, body_sel], src.reshape(1, 1, 1, 3), scene.body)[..., 0]
+            att = att * tx_leg[..., None, None]
         lens.append(d1[..., None, None] + d2[:, sel])
-        amps.append(g * rcs[sel][None, :, None, None] / (d1[..., None, None] * d2[:, sel]))
+        amps.append(att * g * rcs[sel][None, :, None, None] / (d1[..., None, None] * d2[:, sel]))
     return np.concatenate(lens, axis=1), np.concatenate(amps, axis=1)
+
+
+BODY_RADIUS = 0.2  # m, the torso as a vertical cylinder
+BLOCK_LOSS = 10 ** (-12 / 20)  # amplitude through the body (~12 dB at 5 GHz)
+BLOCK_SOFT = 0.05  # m, diffraction softens the shadow's edge
+
+
+def _blockage(p: np.ndarray, q: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Amplitude factor of the segments from reflectors p (T, Q, 3) to endpoints q (1, 1, R, 3).
+
+    Works in the horizontal plane (hands, devices and torso are all about 1 m high). Returns
+    (T, Q, R): 1 in the clear, BLOCK_LOSS when the segment passes through the torso, a linear ramp
+    over +-BLOCK_SOFT around its edge. A reflector inside the cylinder is not shadowed by it.
+    """
+    a = p[..., None, :2]  # (T, Q, 1, 2)
+    b = q[..., :2]  # (.., .., R, 2)
+    c = np.asarray(body, float)[:2]
+    ab = b - a
+    t = np.clip(np.sum((c - a) * ab, axis=-1) / np.maximum(np.sum(ab * ab, axis=-1), 1e-12), 0.0, 1.0)
+    dist = np.linalg.norm(a + t[..., None] * ab - c, axis=-1)
+    depth = np.clip((BODY_RADIUS + BLOCK_SOFT - dist) / (2 * BLOCK_SOFT), 0.0, 1.0)
+    start_in = np.linalg.norm(a[..., 0, :] - c, axis=-1)[..., None] < BODY_RADIUS
+    depth = np.where(start_in, 0.0, depth)
+    return 1.0 - (1.0 - BLOCK_LOSS) * depth
 
 
 def path_length_rate(scene: Scene, cfg: SimConfig = SimConfig()) -> np.ndarray:
@@ -417,6 +521,16 @@ def _moving_sum(lengths: np.ndarray, amps: np.ndarray, cfg: SimConfig) -> np.nda
     return np.transpose(h.reshape(R, A, T, -1), (2, 0, 1, 3)).astype(np.complex64)
 
 
+def walker_channel(scene: Scene, ants: np.ndarray, cfg: SimConfig) -> np.ndarray:
+    """(T, R, A, S) channel of the walkers (direct Tx -> walker -> Rx paths), summed exactly."""
+    w = walker_positions(scene, cfg)  # (T, M, 3)
+    d1 = np.linalg.norm(w - scene.tx, axis=-1)  # (T, M)
+    d2 = np.linalg.norm(w[:, None, None] - ants[None, :, :, None], axis=-1)  # (T, R, A, M)
+    lengths = d1[:, None, None, :] + d2
+    amps = WALKER_RCS / (d1[:, None, None, :] * d2)
+    return _phasor_sum(lengths, amps, cfg)
+
+
 def simulate_csi(scene: Scene, cfg: SimConfig, rng: np.random.Generator) -> list[np.ndarray]:
     """CSI of one scene: a list over receivers of complex64 (T, S, A, 1) arrays."""
     ants = antenna_positions(scene, cfg)  # (R, A, 3)
@@ -425,6 +539,8 @@ def simulate_csi(scene: Scene, cfg: SimConfig, rng: np.random.Generator) -> list
     d_m, a_m = moving_paths(scene, ants, cfg)  # (T, Q, R, A)
     h_move = _moving_sum(d_m, a_m, cfg)  # (T, R, A, S)
     h = h_static[None] + h_move  # (T, R, A, S)
+    if cfg.walkers and len(scene.extra.get("walkers", ())):
+        h = h + walker_channel(scene, ants, cfg)
     T, R, A, S = h.shape
     if cfg.impairments:
         k = np.asarray(cfg.subcarriers, np.float32)

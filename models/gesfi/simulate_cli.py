@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", type=int, default=3,
                         help="keep the raw CSI of the first N samples (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    parser.add_argument("--walkers", action="store_true",
+                        help="other people walk about in the rooms (interference; off by default, as in "
+                             "a controlled collection such as Widar3.0)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from models.gesfi.dataset import DatasetSpec, build_dataset, parse_indices, save_dataset
-    from models.gesfi.simulate import DOMAIN_VALUES, GESTURES
+    from models.gesfi.simulate import DOMAIN_VALUES, GESTURES, SimConfig
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         console=console,
     ) as bar:
         task = bar.add_task("sim", total=n)
-        data, raw = build_dataset(spec, workers=workers, progress=lambda k: bar.advance(task, k))
+        data, raw = build_dataset(spec, SimConfig(walkers=args.walkers), workers=workers, progress=lambda k: bar.advance(task, k))
     save_dataset(data, out, raw)
     secs = time.perf_counter() - t0
     table = Table(title=f"GesFi dataset {out}")
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     for f in ("location", "orientation", "room", "user"):
         vals = getattr(spec, f + "s")
         table.add_row(f, ", ".join(DOMAIN_VALUES[f][i] for i in vals))
+    table.add_row("simulator", f"version {data.manifest['simulator_version']}, walkers {'on' if args.walkers else 'off'}")
     table.add_row("raw CSI kept", f"{0 if raw is None else len(raw)} samples")
     table.add_row("time", f"{secs:.1f} s ({1000 * secs / max(n, 1):.1f} ms/sample, {workers} worker(s))")
     console.print(table)

@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DANN's physical domain labels (default location)")
     parser.add_argument("--adv-weight", type=float, default=None,
                         help="max gradient-reversal weight (default 0.5)")
+    parser.add_argument("--domain-input", choices=["profile", "image"], default="profile",
+                        help="what GesFi's domain encoder sees: the time-marginal Doppler profile (default) or "
+                             "the whole image (first version)")
+    parser.add_argument("--no-classwise-standardize", action="store_true",
+                        help="cluster GesFi's domain feature without standardising it within each gesture")
     parser.add_argument("--width", type=int, default=16,
                         help="channels of the first conv block (default 16)")
     parser.add_argument("--val-frac", type=float, default=0.15,
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(method=args.method, epochs=args.epochs, mine_epochs=args.mine_epochs, seed=args.seed,
                           k=args.k, domain_factor=args.domain_factor, width=args.width, val_frac=args.val_frac,
-                          threads=args.threads, **kw)
+                          threads=args.threads, domain_input=args.domain_input,
+                          classwise_standardize=not args.no_classwise_standardize, **kw)
     except ValueError as exc:
         raise UserError(f"bad training option: {exc}") from None
     if not 0 <= args.val_frac < 1:
