@@ -50,7 +50,9 @@ class CutProfile:
     overhead_bytes: int = 0  # framing per request (protobuf, HTTP/2), if not in the payload
     overhead_ms: float = 0.0  # fixed per-request time on the wire (the plan's per-message overhead)
     below_bytes: dict[int, int] = field(default_factory=dict)  # measured widths under the admissible ones
-    drop_by_bits: dict[int, float] = field(default_factory=dict)  # the plan's measured drop (points) per width
+    # the plan's measured drop (points) per width; for the widths below the admissible ones, what the bank
+    # pays: its upper confidence bound (drop_upper_bound)
+    drop_by_bits: dict[int, float] = field(default_factory=dict)
 
     @property
     def target_ms(self) -> float:
@@ -107,6 +109,16 @@ class AccuracyBank:
     @property
     def keep(self) -> float:
         return 1.0 - 1.0 / max(self.window, 1.0)
+
+
+def drop_upper_bound(drop: float, samples: int, z: float = 1.645) -> float:
+    """One-sided upper confidence bound (z = 1.645: 95%) of an accuracy drop (points) that the plan
+    measured on `samples` calibration inputs (normal approximation, at least one input's worth of
+    error). The bank pays this for the widths below the admissible ones, so that a lucky calibration
+    set does not let it overspend the budget."""
+    n = max(int(samples), 1)
+    p = min(max(drop, 100.0 / n), 100.0) / 100.0
+    return max(drop, 0.0) + z * 100.0 * (p * (1.0 - p) / n) ** 0.5
 
 
 def affords(bank: AccuracyBank, drop: float) -> bool:

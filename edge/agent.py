@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import AccuracyBank, AdaptiveQuantizer, CutProfile, Decision
+from edge.adapt import AccuracyBank, AdaptiveQuantizer, CutProfile, Decision, drop_upper_bound
 from edge.adapt import PlanRow as AdaptRow
 from edge.bandwidth import BandwidthEstimator, Observation, stall_bound_mbps
 from edge.cloud_link import CloudLink, LinkConfig
@@ -176,6 +176,7 @@ class Agent:
             measured = {q.bits: q.accuracy_drop for q in c.quantization if q.accuracy_drop is not None}
             below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
                      and not q.admissible and q.bits in measured and q.bits < min(sizes)}
+            measured.update({bits: drop_upper_bound(measured[bits], self._calibration_samples()) for bits in below})
             profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured))
         rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
         if row_bits is not None:
@@ -186,6 +187,13 @@ class Agent:
         if cfg.bank and cfg.bits is None and row_bits is None:
             bank = AccuracyBank(budget=self._bank_budget(), window=cfg.bank_window)
         return AdaptiveQuantizer(profiles, rows, bank=bank)
+
+    def _calibration_samples(self) -> int:
+        """How many calibration inputs the plan measured its accuracy drops on (100 if it does not say)."""
+        try:
+            return int(self.bundle.raw["objective"]["calibration"]["samples"])
+        except (KeyError, TypeError, ValueError):
+            return 100
 
     def _bank_budget(self) -> float:
         """The plan's accuracy budget less what the semantic cache plans to spend of it (its hits'

@@ -22,6 +22,7 @@ from edge.adapt import (
     PlanRow,
     affords,
     decide,
+    drop_upper_bound,
     highest_fitting_bits,
     holds,
     need_mbps,
@@ -309,3 +310,10 @@ def test_bank_keeps_the_running_drop_within_the_budget_on_a_recorded_trace():
     assert plain_drops.max() <= 0.2  # without a bank never
     assert edge_banked < 0.9 * edge_plain, (edge_banked, edge_plain)
     assert period_banked < 0.95 * period_plain, (period_banked, period_plain)
+
+
+def test_drop_upper_bound():
+    assert drop_upper_bound(2.0, 200) == pytest.approx(2.0 + 1.645 * 100 * (0.02 * 0.98 / 200) ** 0.5)
+    assert drop_upper_bound(0.0, 200) > 0.5  # nothing measured wrong on 200 inputs still bounds at ~0.8
+    assert drop_upper_bound(2.0, 2000) < drop_upper_bound(2.0, 200)  # more calibration, tighter bound
+    assert drop_upper_bound(-1.0, 200) >= 0.0
