@@ -574,10 +574,12 @@ def part_adaptation(b: Bench) -> dict:
                 r["load_average"] = load_average()
                 runs.append(r)
             ada = runs[0]
-            verdict = {}
+            verdict, static = {}, set()
             for r in runs[2:]:
                 if not r["admissible"]:  # measured drop of agreement with the full model > budget
                     continue
+                if r["cut_pinned"]:
+                    static.add(r["label"])
                 tput = ada["throughput"] > r["throughput"] * 1.02
                 p95 = ada["latency_ms"].get("p95", math.inf) < r["latency_ms"].get("p95", math.inf) * 0.98
                 verdict[r["label"]] = {"throughput": bool(tput), "p95": bool(p95), "beats": bool(tput or p95)}
@@ -586,10 +588,8 @@ def part_adaptation(b: Bench) -> dict:
                                 "adaptive_vs_fixed": verdict,
                                 # None: nothing to compare (the plan sends nothing at this trace's median)
                                 "adaptive_beats_every_admissible_fixed":
-                                    all(v["beats"] for k, v in verdict.items() if "switching" not in k)
-                                    if verdict else None,
-                                "adaptive_within_budget": (ada["agreement_drop_pp"] is not None
-                                                           and ada["agreement_drop_pp"] <= budget)}
+                                    all(verdict[k]["beats"] for k in static) if static else None,
+                                "adaptive_within_budget": ada["admissible"]}
             rows = []
             for r in runs:
                 top = sorted(r["decisions"].items(), key=lambda kv: -kv[1])[:3]

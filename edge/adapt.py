@@ -155,6 +155,11 @@ def highest_fitting_bits(cut: CutProfile, mbps: float) -> int | None:
     return max(fitting) if fitting else None
 
 
+def overdrawn(cut: CutProfile, bits: int, bank: AccuracyBank | None) -> bool:
+    """Is `bits` a width below the admissible ones that the bank can no longer pay for?"""
+    return bits in cut.below_bytes and (bank is None or not affords(bank, cut.drop(bits)))
+
+
 def banked_bits(cut: CutProfile, mbps: float, bank: AccuracyBank | None) -> int | None:
     """The highest width below the admissible ones that keeps up with the link and that the bank can pay."""
     if bank is None:
@@ -216,7 +221,7 @@ def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: li
     """Can `decision` stay at this bandwidth: it makes no bubble (and, below the admissible widths,
     the bank still pays for it), or nothing would do better?"""
     cut = cuts[decision.cut_id]
-    if decision.bits in cut.below_bytes and (bank is None or not affords(bank, cut.drop(decision.bits))):
+    if overdrawn(cut, decision.bits, bank):
         return False
     if cut.transmit_ms(decision.bits, mbps) <= cut.target_ms:
         return True
@@ -313,8 +318,7 @@ class AdaptiveQuantizer:
     def _overdrawn(self) -> bool:
         d = self.decision
         cut = self.cuts.get(d.cut_id) if d is not None else None
-        return (cut is not None and d.bits in cut.below_bytes
-                and (self.bank is None or not affords(self.bank, cut.drop(d.bits))))
+        return cut is not None and overdrawn(cut, d.bits, self.bank)
 
     def _step(self, estimate_mbps: float) -> Decision:
         new, self._ups = next_decision(

@@ -164,7 +164,7 @@ class Agent:
             row_bits = {r.cut: r.bits for r in table}
         else:
             raise UserError(f"plan '{cfg.plan}': the bundle has coach and {', '.join(b.baselines)}")
-        profiles = []
+        profiles, samples = [], self._calibration_samples()
         for cid, c in b.cuts.items():
             fixed = cfg.bits or (row_bits or {}).get(cid)
             if c.kind == "edge-only":  # nothing crosses the link
@@ -176,7 +176,7 @@ class Agent:
             measured = {q.bits: q.accuracy_drop for q in c.quantization if q.accuracy_drop is not None}
             below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
                      and not q.admissible and q.bits in measured and q.bits < min(sizes)}
-            measured.update({bits: drop_upper_bound(measured[bits], self._calibration_samples()) for bits in below})
+            measured.update({bits: drop_upper_bound(measured[bits], samples) for bits in below})
             profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured))
         rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
         if row_bits is not None:
@@ -203,7 +203,7 @@ class Agent:
             spec = b.cache_for(cid)
             if spec is not None and spec.hit is not None:
                 hits = 100.0 * spec.hit_rate * (1.0 - (spec.precision or 0.0))
-                worst = max(worst, hits + (spec.band_drop or 0.0) if spec.band_bits is not None else hits)
+                worst = max(worst, hits + (spec.band_drop or 0.0))  # band_drop is None without a band
         return max(0.0, b.accuracy_budget - worst)
 
     def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None) -> None:

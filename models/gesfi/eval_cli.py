@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from coach_runtime.errors import UserError
+from models.gesfi.train_cli import add_mining_arguments, mining_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GesFi latent domains; 0 = silhouette (default)")
     parser.add_argument("--adv-weight", type=float, default=None,
                         help="max gradient-reversal weight (default 0.5)")
-    parser.add_argument("--domain-input", choices=["profile", "image"], default="profile",
-                        help="what GesFi's domain encoder sees: the time-marginal Doppler profile (default) or "
-                             "the whole image (first version)")
-    parser.add_argument("--no-classwise-standardize", action="store_true",
-                        help="cluster GesFi's domain feature without standardising it within each gesture")
+    add_mining_arguments(parser)
     parser.add_argument("--k-sweep", default="",
                         help="also run GesFi with these K on one split, e.g. '2,3,4,6,8'")
     parser.add_argument("--k-sweep-split", default="orientation",
@@ -83,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     kw = {} if args.adv_weight is None else {"adv_weight": args.adv_weight}
     try:
         base = TrainConfig(epochs=args.epochs, mine_epochs=args.mine_epochs, k=args.k, threads=args.threads,
-                           domain_input=args.domain_input, classwise_standardize=not args.no_classwise_standardize,
-                           **kw)
+                           **mining_options(args), **kw)
     except ValueError as exc:
         raise UserError(f"bad training option: {exc}") from None
     if args.holdout != "rotate":

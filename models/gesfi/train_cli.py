@@ -38,17 +38,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DANN's physical domain labels (default location)")
     parser.add_argument("--adv-weight", type=float, default=None,
                         help="max gradient-reversal weight (default 0.5)")
-    parser.add_argument("--domain-input", choices=["profile", "image"], default="profile",
-                        help="what GesFi's domain encoder sees: the time-marginal Doppler profile (default) or "
-                             "the whole image (first version)")
-    parser.add_argument("--no-classwise-standardize", action="store_true",
-                        help="cluster GesFi's domain feature without standardising it within each gesture")
+    add_mining_arguments(parser)
     parser.add_argument("--width", type=int, default=16,
                         help="channels of the first conv block (default 16)")
     parser.add_argument("--val-frac", type=float, default=0.15,
                         help="fraction held out for in-domain accuracy")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def add_mining_arguments(parser: argparse.ArgumentParser) -> None:
+    """GesFi's latent-domain mining options, shared by `coach gesfi train` and `coach gesfi eval`."""
+    parser.add_argument("--domain-input", choices=["profile", "image"], default="profile",
+                        help="what GesFi's domain encoder sees: the time-marginal Doppler profile (default) or "
+                             "the whole image (first version)")
+    parser.add_argument("--no-classwise-standardize", action="store_true",
+                        help="cluster GesFi's domain feature without standardising it within each gesture")
+
+
+def mining_options(args: argparse.Namespace) -> dict:
+    """TrainConfig fields from add_mining_arguments' flags."""
+    return {"domain_input": args.domain_input, "classwise_standardize": not args.no_classwise_standardize}
 
 
 def _sha256(path: Path) -> str:
@@ -73,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(method=args.method, epochs=args.epochs, mine_epochs=args.mine_epochs, seed=args.seed,
                           k=args.k, domain_factor=args.domain_factor, width=args.width, val_frac=args.val_frac,
-                          threads=args.threads, domain_input=args.domain_input,
-                          classwise_standardize=not args.no_classwise_standardize, **kw)
+                          threads=args.threads, **mining_options(args), **kw)
     except ValueError as exc:
         raise UserError(f"bad training option: {exc}") from None
     if not 0 <= args.val_frac < 1:
