@@ -25,6 +25,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "bench/traces/ATT-LTE-driving-2016.up"
 EDGE_SLOWDOWN = 8.0  # this machine's core vs a Jetson Nano-class CPU running a small CNN (order of magnitude)
+# The demo's network: GesFi's compact stem (a 2048-element tensor at a quarter of the image's size, cheap
+# to send quantized) before a heavy body (~5 ms here at batch 1, ~40 ms slowed): on the edge alone it
+# is the bottleneck, so where to cut and at how many bits matters (the default compact arch is so light
+# that every method stays on the edge).
+MODEL_ARGS = ["--arch", "offload", "--depth", "6", "--body-width", "384"]
+# Profiles with one onnxruntime thread, as the edge agent's head and the cloud service's tails run in the
+# demo (onnxruntime's default, one thread per core, under taskset to one core measured the edge ~2x fast).
+PROFILE_ARGS = ["--runs", "20", "--threads", "1"]
 DATA_ARGS = ["--locations", "0-2", "--orientations", "0-2", "--rooms", "0,1", "--users", "0-2", "--reps", "2"]
 STREAM_ARGS = ["--locations", "3", "--orientations", "1", "--rooms", "0", "--users", "0-4", "--reps", "2",
                "--seed", "7"]
@@ -66,14 +74,19 @@ def calibration_npz(data_dir: Path, out: Path, n: int = 400, seed: int = 0) -> N
         np.savez(out, image=d["X"][idx], label=d["y"][idx])
 
 
-def prepare(args) -> Path:
+def cache_version() -> str:
+    """The stamp of .cache/demo: preprocessing, simulator, model and profiling options (any change rebuilds)."""
     from edge.gesfi.preprocess import PREPROCESS_VERSION
     from models.gesfi.simulate import SIM_VERSION
 
+    return f"{PREPROCESS_VERSION} simulator {SIM_VERSION} model {' '.join(MODEL_ARGS)} profile {' '.join(PROFILE_ARGS)}"
+
+
+def prepare(args) -> Path:
     c = args.cache_dir
-    stamp, version = c / "preprocess_version", f"{PREPROCESS_VERSION} simulator {SIM_VERSION}"
+    stamp, version = c / "preprocess_version", cache_version()
     stale = c.exists() and (not stamp.exists() or stamp.read_text().strip() != version)
-    if (args.fresh or stale) and c.exists():  # data from other preprocessing or physics would skew train vs serve
+    if (args.fresh or stale) and c.exists():  # other preprocessing, physics or model: everything is rebuilt
         import shutil
 
         shutil.rmtree(c)
@@ -91,15 +104,15 @@ def prepare(args) -> Path:
     if not (model / "model.onnx").exists():
         step("training the GesFi model (latent-domain adversarial training), exporting ONNX")
         coach("gesfi", "train", "--data", str(data), "--method", "gesfi", "--out", str(model), "--epochs",
-              str(args.epochs), "--force")
+              str(args.epochs), "--force", *MODEL_ARGS)
     if not (c / "calib.npz").exists():
         calibration_npz(data, c / "calib.npz")
     bundle = c / "bundle"
     if not (bundle / "plan.json").exists():
         step(f"profiling: edge on core 0 (then x{EDGE_SLOWDOWN:g} to stand for a Jetson), cloud on core 1")
-        coach("profile", str(model / "model.onnx"), "--out", str(c / "edge.json"), "--device-name", "edge", "--runs", "20",
+        coach("profile", str(model / "model.onnx"), "--out", str(c / "edge.json"), "--device-name", "edge", *PROFILE_ARGS,
               cores="0")
-        coach("profile", str(model / "model.onnx"), "--out", str(c / "cloud.json"), "--device-name", "cloud", "--runs", "20",
+        coach("profile", str(model / "model.onnx"), "--out", str(c / "cloud.json"), "--device-name", "cloud", *PROFILE_ARGS,
               cores="1")
         step("planning: COACH and the baselines over the trace's bandwidth levels, with calibration")
         coach("plan", str(model / "model.onnx"), "--model-name", "gesfi", "--out", str(bundle), "--force",

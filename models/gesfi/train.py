@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gesfi.dataset import GesFiData, holdout_split
-from models.gesfi.net import Decoder, Discriminator, Features, GesFiNet, grad_reverse
+from models.gesfi.net import ARCHS, Decoder, Discriminator, Features, GesFiNet, grad_reverse
 from models.gesfi.simulate import FACTORS
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     width: int = 16  # channels of the first conv block
+    arch: str = "compact"  # GesFiNet architecture: "compact" or "offload" (heavy body behind a compact stem)
+    depth: int = 6  # arch "offload": conv layers in the body
+    body_width: int = 384  # arch "offload": channels of the body
     feat_dim: int = 128
     adv_weight: float = 0.5  # max gradient-reversal coefficient of the domain adversary
     classwise: bool = False  # the domain discriminator sees feature x gesture one-hot (aligns P(f | y))
@@ -79,6 +82,10 @@ class TrainConfig:
             raise ValueError(f"domain_factor must be one of {FACTORS}, got {self.domain_factor!r}")
         if self.epochs < 1 or self.mine_epochs < 1 or self.batch_size < 2 or self.threads < 1:
             raise ValueError("epochs, mine_epochs and threads must be >= 1 and batch_size >= 2")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.depth < 1 or self.body_width < 1:
+            raise ValueError(f"depth and body_width must be >= 1, got {self.depth}, {self.body_width}")
         if self.domain_input not in ("profile", "image"):
             raise ValueError(f"domain_input must be 'profile' or 'image', got {self.domain_input!r}")
         if self.k < 0 or self.k == 1 or self.k_max < 2:
@@ -118,7 +125,7 @@ def _batches(n: int, bs: int, rng: np.random.Generator) -> list[np.ndarray]:
 
 def _make_model(data: GesFiData, cfg: TrainConfig) -> GesFiNet:
     c, h, w = data.x.shape[1:]
-    return GesFiNet(data.n_classes, c, cfg.width, cfg.feat_dim, (h, w))
+    return GesFiNet(data.n_classes, c, cfg.width, cfg.feat_dim, (h, w), cfg.arch, cfg.depth, cfg.body_width)
 
 
 @torch.no_grad()

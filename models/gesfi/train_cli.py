@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_mining_arguments(parser)
     parser.add_argument("--width", type=int, default=16,
                         help="channels of the first conv block (default 16)")
+    parser.add_argument("--arch", choices=["compact", "offload"], default="compact",
+                        help="network: compact (default; 3 conv blocks) or offload (compact stem, heavy body: "
+                             "worth splitting between edge and cloud)")
+    parser.add_argument("--depth", type=int, default=6, help="arch offload: conv layers in the body (default 6)")
+    parser.add_argument("--body-width", type=int, default=384,
+                        help="arch offload: channels of the body (default 384)")
     parser.add_argument("--val-frac", type=float, default=0.15,
                         help="fraction held out for in-domain accuracy")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     kw = {} if args.adv_weight is None else {"adv_weight": args.adv_weight}
     try:
         cfg = TrainConfig(method=args.method, epochs=args.epochs, mine_epochs=args.mine_epochs, seed=args.seed,
-                          k=args.k, domain_factor=args.domain_factor, width=args.width, val_frac=args.val_frac,
+                          k=args.k, domain_factor=args.domain_factor, width=args.width, arch=args.arch,
+                          depth=args.depth, body_width=args.body_width, val_frac=args.val_frac,
                           threads=args.threads, **mining_options(args), **kw)
     except ValueError as exc:
         raise UserError(f"bad training option: {exc}") from None
