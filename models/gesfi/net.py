@@ -12,8 +12,8 @@ fast to a compact tensor, then the heavy blocks:
           -> (2 x width, H/4, W/4): 2048 elements at width 16 on 32 x 32 (less than the input's 3072)
     body: depth x [conv3x3 -> BN -> ReLU] at body_width channels, H/4 x W/4 -> max-pool 2
           -> flatten -> linear -> ReLU (feat_dim)
-At width 16, depth 6, body_width 384: about 6.2 M parameters and 0.4 G multiply-adds, of which the
-stem is 1.6 M; about 5 ms at batch 1 on one core of the development machine (onnxruntime), i.e. tens
+At width 16, depth 6, body_width 384: about 7.5 M parameters (the stem 5 K, the final linear 0.8 M)
+and 0.4 G multiply-adds; about 6 ms at batch 1 on one core of the development machine (onnxruntime), i.e. tens
 of ms on a Jetson-class CPU, while the stem's output is cheap to send quantized.
 
 Training-only parts: a gradient reversal layer, an MLP discriminator (domain or gesture), and the
