@@ -26,20 +26,24 @@ import torch
 from torch import nn
 
 
+def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
+    """conv_bn_relu then max-pool 2, as one flat Sequential (layer indices 0-3, as saved weights expect)."""
+    return nn.Sequential(*conv_bn_relu(c_in, c_out), nn.MaxPool2d(2))
 
 
 ARCHS = ("compact", "offload")
 
 
-def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def check_arch(arch: str, depth: int, body_width: int) -> None:
+    """ValueError unless (arch, depth, body_width) describe a network Features can build."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "offload" and (depth < 1 or body_width < 1):
+        raise ValueError(f"depth and body_width must be >= 1, got {depth}, {body_width}")
 
 
 class Features(nn.Module):
@@ -48,19 +52,15 @@ class Features(nn.Module):
     def __init__(self, in_ch: int = 3, width: int = 16, feat_dim: int = 128, image_hw: tuple[int, int] = (32, 32),
                  arch: str = "compact", depth: int = 6, body_width: int = 384):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        check_arch(arch, depth, body_width)
         if arch == "compact":
             self.conv = nn.Sequential(conv_block(in_ch, width), conv_block(width, 2 * width),
                                       conv_block(2 * width, 4 * width))
             flat = 4 * width * (image_hw[0] // 8) * (image_hw[1] // 8)
         else:
-            if depth < 1 or body_width < 1:
-                raise ValueError(f"depth and body_width must be >= 1, got {depth}, {body_width}")
-            wide = body_width
-            body = [conv_bn_relu(2 * width, wide)] + [conv_bn_relu(wide, wide) for _ in range(depth - 1)]
+            body = [conv_bn_relu(2 * width, body_width)] + [conv_bn_relu(body_width, body_width) for _ in range(depth - 1)]
             self.conv = nn.Sequential(conv_block(in_ch, width), conv_block(width, 2 * width), *body, nn.MaxPool2d(2))
-            flat = wide * (image_hw[0] // 8) * (image_hw[1] // 8)
+            flat = body_width * (image_hw[0] // 8) * (image_hw[1] // 8)
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, feat_dim), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

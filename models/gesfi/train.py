@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gesfi.dataset import GesFiData, holdout_split
-from models.gesfi.net import ARCHS, Decoder, Discriminator, Features, GesFiNet, grad_reverse
+from models.gesfi.net import Decoder, Discriminator, Features, GesFiNet, check_arch, grad_reverse
 from models.gesfi.simulate import FACTORS
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,7 @@ class TrainConfig:
             raise ValueError(f"domain_factor must be one of {FACTORS}, got {self.domain_factor!r}")
         if self.epochs < 1 or self.mine_epochs < 1 or self.batch_size < 2 or self.threads < 1:
             raise ValueError("epochs, mine_epochs and threads must be >= 1 and batch_size >= 2")
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.depth < 1 or self.body_width < 1:
-            raise ValueError(f"depth and body_width must be >= 1, got {self.depth}, {self.body_width}")
+        check_arch(self.arch, self.depth, self.body_width)
         if self.domain_input not in ("profile", "image"):
             raise ValueError(f"domain_input must be 'profile' or 'image', got {self.domain_input!r}")
         if self.k < 0 or self.k == 1 or self.k_max < 2:
