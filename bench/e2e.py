@@ -78,15 +78,19 @@ def with_reference_labels(samples, full_path: Path):
 
 
 def run_method(bundle, cloud_port: int, trace: str, method: str, source: str, n: int, seconds: float,
-               down: str, delay_ms: float, edge_slowdown: float = 1.0, agreement: bool = False) -> MethodRun:
-    from bench.link import LinkEmulator
+               down: str, delay_ms: float, edge_slowdown: float = 1.0, agreement: bool = False,
+               link_cores: set[int] | None = None) -> MethodRun:
+    """One method on one trace. The link emulator is a process of its own (`coach bench link`, on
+    `link_cores`: the cloud's core), started afresh so that every method sees the same stretch of the
+    trace; in the edge's process its packet timers would take the edge's core and lock."""
+    from bench.procs import start_link
     from edge.agent import Agent, AgentConfig
     from edge.sources import open_source
 
-    emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", cloud_port), trace, down, delay_ms=delay_ms).start()
+    emu = start_link(trace, f"127.0.0.1:{cloud_port}", down, cores=link_cores, delay_ms=delay_ms)
     try:
         plan = "coach" if method.startswith("coach") else method
-        cfg = AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", plan=plan, cache=method == "coach", deadline_ms=20000,
+        cfg = AgentConfig(cloud=emu.address, plan=plan, cache=method == "coach", deadline_ms=20000,
                           edge_slowdown=edge_slowdown)
         agent = Agent(bundle, cfg)
         samples = itertools.islice(open_source(source, agent.inputs), n)
@@ -251,7 +255,7 @@ def evaluate(bundle: Path, traces: list[str], source: str, methods: list[str], n
                 if progress:
                     progress(trace, method)
                 run = run_method(b, srv.port, trace, method, source, n, seconds, down, delay_ms, edge_slowdown,
-                                 agreement)
+                                 agreement, link_cores={1} if two_cores else None)
                 runs.append(run)
                 rows.append(summarize(run))
     finally:

@@ -1,7 +1,7 @@
 """Adaptive quantization: bits (and, when needed, the cut) from the bandwidth estimate.
 
 The rule (DESIGN.md, "Online runtime"): for the current cut pick the highest admissible bit width
-b with T_t(b) <= max(T_e, T_c), so that transmission never becomes the pipeline's slowest stage
+b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included), so that transmission never becomes the pipeline's slowest stage
 (no transmission bubble). When even the lowest admissible b cannot keep up, switch to the cut the
 plan table gives for that bandwidth level (with the plan's bits, or higher ones if they fit).
 When the plan table's cut for the current bandwidth can keep up and differs from the current cut
@@ -53,11 +53,14 @@ class CutProfile:
     # the plan's measured drop (points) per width; for the widths below the admissible ones, what the bank
     # pays: its upper confidence bound (drop_upper_bound)
     drop_by_bits: dict[int, float] = field(default_factory=dict)
+    # per-input edge work before any head, the same for every cut (reading and preprocessing the
+    # source: GesFi's CSI-to-image): part of the edge stage, so part of T_e
+    input_ms: float = 0.0
 
     @property
     def target_ms(self) -> float:
-        """The longest transmission time that makes no bubble: max(T_e, T_c)."""
-        return max(self.edge_ms, self.cloud_ms)
+        """The longest transmission time that makes no bubble: max(T_e, T_c), T_e = input + head."""
+        return max(self.input_ms + self.edge_ms, self.cloud_ms)
 
     def transmit_ms(self, bits: int, mbps: float) -> float:
         """T_t of this cut at `bits` over a `mbps` link."""
@@ -181,6 +184,19 @@ def plan_row_for(plan: list[PlanRow], mbps: float) -> PlanRow:
     return chosen
 
 
+def starting_row(plan: list[PlanRow]) -> PlanRow:
+    """Where to start before any estimate: the plan's median bandwidth level (the lower middle one).
+
+    Not the lowest level: there the plan runs nearly the whole model on the edge and sends almost
+    nothing, so the estimator gets nothing to measure and the up-switch waits on probes. From the
+    middle level the first answers calibrate the estimator, and a link that cannot keep up is left
+    at once (the down-switch needs one estimate, or the stall bound during an outage)."""
+    rows = sorted(plan, key=lambda r: r.bandwidth_mbps)
+    if not rows:
+        raise ValueError("starting_row: the plan table is empty")
+    return rows[(len(rows) - 1) // 2]
+
+
 def decide(
     mbps: float,
     current_cut: str | None,
@@ -301,10 +317,10 @@ class AdaptiveQuantizer:
             self._last = estimate_mbps
         if estimate_mbps is None or estimate_mbps <= 0:
             if self.decision is None:
-                row = plan_row_for(self.plan, 0.0)
+                row = starting_row(self.plan)
                 sizes = self.cuts[row.cut_id].bytes_by_bits
                 bits = row.bits if row.bits in sizes else min(sizes)
-                why = "no estimate yet: the plan's lowest level"
+                why = f"no estimate yet: the plan's median level ({row.bandwidth_mbps:g} Mbit/s)"
                 self.decision = Decision(row.cut_id, bits, why)
             return self.decision
         return self._step(estimate_mbps)

@@ -218,6 +218,15 @@ class Agent:
             p = dataclasses.replace(p, cloud_ms=(1 - a) * p.cloud_ms + a * cloud_ms)
         self.quantizer.cuts[cut_id] = p
 
+    def _observe_input(self, ms: float, first: bool = False) -> None:
+        """Time between inputs spent in the source (reading and preprocessing, or waiting for the next
+        input; never for our own queues) is part of the edge stage of every cut (EMA): T_e = input + head.
+        A stream slower than the link leaves room for more bits; a costly preprocessing does too."""
+        a = 1.0 if first else 0.2
+        with self._lock:
+            for cid, p in self.quantizer.cuts.items():
+                self.quantizer.cuts[cid] = dataclasses.replace(p, input_ms=(1 - a) * p.input_ms + a * ms)
+
     @property
     def decision(self) -> Decision:
         return self.quantizer.update(None)
@@ -323,14 +332,20 @@ class Agent:
             period = 1.0 / rate_hz if rate_hz else 0.0
             t_next = time.perf_counter()
             seq = -1
-            for seq, sample in enumerate(samples):
-                if stop.is_set():
+            source = iter(samples)
+            while True:
+                t_ask = time.perf_counter()  # the source's own work (reading, preprocessing) or wait
+                sample = next(source, None)
+                if sample is None or stop.is_set():
                     break
+                seq += 1
                 if period:
                     delay = t_next - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
                     t_next = max(t_next + period, time.perf_counter() - period)
+                if seq:  # the first one also opened the source
+                    self._observe_input((time.perf_counter() - t_ask) * 1e3, first=seq == 1)
                 item = _Item(seq=seq, sample=sample, t_capture=time.perf_counter())
                 self._compute_head(item, to_send)
             state["count"] = seq + 1

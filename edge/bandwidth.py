@@ -23,6 +23,14 @@ Two kinds of rate samples, one per request i:
   bursts (several packets in one millisecond), so the fastest transfers are short and the
   correction small.
 
+Messages shorter than a packet: a link that delivers in packet opportunities (mahimahi, and a
+cellular uplink's grants) carries a 100-byte message in one opportunity, after waiting for it: on
+average half the gap between opportunities, i.e. half a packet's time at the link's rate. Its
+one-way time says "half a packet at rate C", not "100 bytes at rate C" (read as bytes / time it
+under-states C by packet / (2 * bytes): 0.5 instead of 4 Mbit/s for 96 bytes). So a one-way sample
+is credited at least half a packet (`min_credit_bytes`, 750 of 1500). Dispersion samples need no
+credit: back-to-back small messages share opportunities, and their telescoped gaps add up right.
+
 Whether request i queued behind i-1 is decided with D, not B: since D >= B, send_i + D < recv_{i-1}
 means request i surely waited; a request that waited less than the shortest transfer counts as
 one-way, which over-states its transfer by that wait (a conservative error).
@@ -83,6 +91,7 @@ class EstimatorConfig:
     outlier_factor: float = 4.0  # leave out one-way samples beyond median * f or median / f
     base_window_s: float = 30.0  # window of the minimum delay D
     min_seconds: float = 50e-6  # shortest transfer time a sample may claim
+    min_credit_bytes: int = 750  # a one-way sample counts at least half a 1500-byte packet (module doc)
 
 
 # ---------------------------------------------------------------- pure functions
@@ -99,6 +108,7 @@ def make_sample(
     sure_base_ns: int,
     base_ns: int | None,
     min_seconds: float = 50e-6,
+    min_credit_bytes: int = 0,
 ) -> Sample | None:
     """The rate sample of one request, or None (first request, empty, or one-way before B).
 
@@ -113,7 +123,7 @@ def make_sample(
     if base_ns is None:
         return None
     seconds = (obs.recv_ns - obs.send_ns - base_ns) / 1e9
-    return Sample(obs.recv_ns, obs.nbytes, max(seconds, min_seconds), "one-way")
+    return Sample(obs.recv_ns, max(obs.nbytes, min_credit_bytes), max(seconds, min_seconds), "one-way")
 
 
 def base_delay_ns(min_delay_ns: int, min_delay_bytes: int, fast_mbps: float | None) -> int:
@@ -206,7 +216,7 @@ class BandwidthEstimator:
             obs = Observation(obs.send_ns, self._prev_recv, obs.nbytes)  # out of order: clamp
         self._push_delay(obs)
         sample = make_sample(
-            self._prev_recv, obs, self.sure_base_ns(), self.base_ns(), cfg.min_seconds
+            self._prev_recv, obs, self.sure_base_ns(), self.base_ns(), cfg.min_seconds, cfg.min_credit_bytes
         )
         if sample is not None:
             self.samples.append(sample)

@@ -29,6 +29,7 @@ from edge.adapt import (
     next_decision,
     plan_row_for,
     spend,
+    starting_row,
 )
 
 TRACES = ["ATT-LTE-driving-2016.up", "Verizon-LTE-short.up", "TMobile-LTE-short.up"]
@@ -51,6 +52,15 @@ PLAN = [
 def need(d: Decision) -> float:
     """Bandwidth at which a decision just makes no bubble."""
     return need_mbps(BY_ID[d.cut_id], d.bits)
+
+
+def test_input_time_is_part_of_the_edge_stage():
+    """A costly source (GesFi's preprocessing) lengthens T_e, so bigger payloads fit the link."""
+    a = BY_ID["a"]
+    slow = CutProfile("a", edge_ms=4.0, cloud_ms=10.0, bytes_by_bits=a.bytes_by_bits, input_ms=16.0)
+    assert a.target_ms == 10.0 and slow.target_ms == 20.0
+    assert highest_fitting_bits(a, 7.0) == 4
+    assert highest_fitting_bits(slow, 7.0) == 8  # 16384 B in 18.7 ms <= 20 ms
 
 
 def fits(d: Decision, mbps: float) -> bool:
@@ -154,10 +164,16 @@ def test_drop_is_followed_at_once():
     assert d.cut_id == "b" and fits(d, 2.0)
 
 
-def test_no_estimate_keeps_a_safe_start():
+def test_no_estimate_starts_at_the_median_level_and_leaves_it_at_the_first_low_estimate():
     q = AdaptiveQuantizer(CUTS, PLAN)
     d = q.update(None)
-    assert (d.cut_id, d.bits) == ("c", 4)
+    assert (d.cut_id, d.bits) == ("b", 16)  # PLAN's median level (2.4 Mbit/s of 10 levels)
+    assert starting_row(PLAN) == PlanRow(2.4, "b", 16)
+    assert starting_row(PLAN[:3]) == PlanRow(0.33, "c", 32)
+    assert q.update(None) == d  # no news, no change
+    d = q.update(0.5)  # b@16 needs 2.3 Mbit/s: down at the first estimate that shows it
+    assert fits(d, 0.5) and need(d) < 2.3
+    assert q.changes == 1
     with pytest.raises(ValueError):
         AdaptiveQuantizer(CUTS[:1], PLAN)  # plan names cuts without a profile
 
