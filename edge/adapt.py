@@ -4,9 +4,7 @@ The rule (DESIGN.md, "Online runtime"): for the current cut pick the highest adm
 b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included), so that transmission never becomes the pipeline's slowest stage
 (no transmission bubble). When even the lowest admissible b cannot keep up, switch to the cut the
 plan table gives for that bandwidth level (with the plan's bits, or higher ones if they fit).
-When not even that keeps up and the whole model on the edge (the cut `edge-only`, when the bundle has it)
-has a shorter period than the plan's transmission-bound answer (an outage), the input runs on the
-edge. When the plan table's cut for the current bandwidth can keep up and differs from the current cut
+When the plan table's cut for the current bandwidth can keep up and differs from the current cut
 (the link recovered after a dip made us leave it), we return to it: the plan's cut is the one
 the planner found best at that bandwidth.
 
@@ -186,9 +184,6 @@ def plan_row_for(plan: list[PlanRow], mbps: float) -> PlanRow:
     return chosen
 
 
-LOCAL = "edge-only"  # the bundle's cut id of the whole model on the edge (nothing sent)
-
-
 def starting_row(plan: list[PlanRow]) -> PlanRow:
     """Where to start before any estimate: the plan's median bandwidth level (the lower middle one).
 
@@ -228,10 +223,6 @@ def decide(
         if below is not None and cuts[cut_id].period_ms(below, mbps) < plan_cut.period_ms(bits, mbps):
             return Decision(cut_id, below, f"no admissible bits keep up at {mbps:.2f} Mbit/s; "
                             f"{below} bits on banked accuracy")
-        local = cuts.get(LOCAL)
-        if local is not None and local.target_ms < plan_cut.period_ms(bits, mbps):
-            return Decision(LOCAL, min(local.bytes_by_bits), f"the link ({mbps:.2f} Mbit/s) is slower than the "
-                            f"whole model on the edge ({local.target_ms:.0f} ms): edge-only")
         return planned
     if return_to_plan and row.cut_id != cut_id:
         plan_bits = highest_fitting_bits(cuts[row.cut_id], mbps)

@@ -50,7 +50,6 @@ class AgentConfig:
     bits: int | None = None  # fixed bit width (no adaptation)
     cut: str | None = None  # fixed cut id (no cut switching)
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
-    burst_wait_s: float = 0.25  # until the estimator is calibrated, hold requests this long to send 3 back to back
     probe_interval_s: float = 1.0  # on edge-only, send a pair of inputs through the cloud this often to measure the link
     edge_slowdown: float = 1.0  # stretch edge compute by this factor to stand for a slower board (benchmarks)
     connect_timeout_s: float = 5.0
@@ -355,19 +354,7 @@ class Agent:
 
         def send():
             while (item := to_send.get()) is not None:
-                batch = [item]
-                if self._calibrating():  # the estimator needs requests that queue: send 3 back to back
-                    until = time.perf_counter() + self.config.burst_wait_s
-                    while len(batch) < 3 and batch[-1] is not None:
-                        try:
-                            batch.append(to_send.get(timeout=max(0.0, until - time.perf_counter())))
-                        except queue.Empty:
-                            break
-                for it in batch:
-                    if it is not None:
-                        self._send(it)
-                if batch[-1] is None:
-                    break
+                self._send(item)
 
         def local():
             while (item := self._local.get()) is not None:
@@ -428,12 +415,6 @@ class Agent:
                 item.bits = cache.config.band_bits
         item.t_queued = time.perf_counter()
         to_send.put(item)
-
-    def _calibrating(self) -> bool:
-        """Until some request has queued behind another, one-way timing says nothing (edge/bandwidth.py):
-        a pipelined edge whose requests never queue would get no estimate at all. So the sender holds
-        requests (at most `burst_wait_s`) and sends three back to back, until the estimator is calibrated."""
-        return self.link is not None and self.link.up and not self.estimator.calibrated
 
     def _probe(self, d: Decision) -> Decision:
         """On edge-only nothing crosses the link, so nothing measures it: now and then send two inputs

@@ -333,16 +333,3 @@ def test_drop_upper_bound():
     assert drop_upper_bound(0.0, 200) > 0.5  # nothing measured wrong on 200 inputs still bounds at ~0.8
     assert drop_upper_bound(2.0, 2000) < drop_upper_bound(2.0, 200)  # more calibration, tighter bound
     assert drop_upper_bound(-1.0, 200) >= 0.0
-
-
-def test_an_outage_runs_the_whole_model_on_the_edge_and_the_link_brings_it_back():
-    """When the plan's lowest level is transmission-bound with a longer period than edge-only's."""
-    local = CutProfile("edge-only", edge_ms=60.0, cloud_ms=0.0, bytes_by_bits={32: 0})
-    cuts = {c.cut_id: c for c in CUTS + [local]}
-    assert decide(1e-6, "c", cuts, PLAN).cut_id == "edge-only"
-    assert decide(1e-6, "c", BY_ID, PLAN).cut_id == "c"  # no edge-only cut: the plan's answer
-    assert decide(0.05, "c", cuts, PLAN).cut_id == "c"  # c@4 keeps up at 0.05 Mbit/s
-    q = AdaptiveQuantizer(CUTS + [local], PLAN, config=AdaptConfig(up_margin=0.0, up_hold=1))
-    q.update(2.4)
-    assert q.update(1e-6).cut_id == "edge-only"
-    assert q.update(3.0).cut_id != "edge-only"
