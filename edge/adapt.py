@@ -1,8 +1,8 @@
 """Adaptive quantization: bits (and, when needed, the cut) from the bandwidth estimate.
 
 The rule (DESIGN.md, "Online runtime"): for the current cut pick the highest admissible bit width
-b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included), so that transmission never becomes the pipeline's slowest stage
-(no transmission bubble). When even the lowest admissible b cannot keep up, switch to the cut the
+b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included),
+so that transmission never becomes the pipeline's slowest stage (no transmission bubble). When even the lowest admissible b cannot keep up, switch to the cut the
 plan table gives for that bandwidth level (with the plan's bits, or higher ones if they fit).
 When the plan table's cut for the current bandwidth can keep up and differs from the current cut
 (the link recovered after a dip made us leave it), we return to it: the plan's cut is the one
@@ -174,9 +174,7 @@ def banked_bits(cut: CutProfile, mbps: float, bank: AccuracyBank | None) -> int 
 
 def plan_row_for(plan: list[PlanRow], mbps: float) -> PlanRow:
     """The plan table row for a bandwidth: the highest level <= mbps (else the lowest level)."""
-    rows = sorted(plan, key=lambda r: r.bandwidth_mbps)
-    if not rows:
-        raise ValueError("plan_row_for: the plan table is empty")
+    rows = _levels(plan, "plan_row_for")
     chosen = rows[0]
     for row in rows:
         if row.bandwidth_mbps <= mbps:
@@ -191,10 +189,16 @@ def starting_row(plan: list[PlanRow]) -> PlanRow:
     nothing, so the estimator gets nothing to measure and the up-switch waits on probes. From the
     middle level the first answers calibrate the estimator, and a link that cannot keep up is left
     at once (the down-switch needs one estimate, or the stall bound during an outage)."""
+    rows = _levels(plan, "starting_row")
+    return rows[(len(rows) - 1) // 2]
+
+
+def _levels(plan: list[PlanRow], who: str) -> list[PlanRow]:
+    """The plan table's rows by increasing bandwidth (an empty table is an error)."""
     rows = sorted(plan, key=lambda r: r.bandwidth_mbps)
     if not rows:
-        raise ValueError("starting_row: the plan table is empty")
-    return rows[(len(rows) - 1) // 2]
+        raise ValueError(f"{who}: the plan table is empty")
+    return rows
 
 
 def decide(
