@@ -2,11 +2,14 @@
 
 The rule (DESIGN.md, "Online runtime"): for the current cut pick the highest admissible bit width
 b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included),
-so that transmission never becomes the pipeline's slowest stage (no transmission bubble). When even the lowest admissible b cannot keep up, switch to the cut the
-plan table gives for that bandwidth level (with the plan's bits, or higher ones if they fit).
+so that transmission never becomes the pipeline's slowest stage (no transmission bubble). When
+even the lowest admissible b cannot keep up, switch to the cut the plan table gives for that bandwidth level (with the plan's bits, or higher ones if they fit).
 When the plan table's cut for the current bandwidth can keep up and differs from the current cut
 (the link recovered after a dip made us leave it), we return to it: the plan's cut is the one
-the planner found best at that bandwidth.
+the planner found best at that bandwidth. The plan's levels are discrete, though: where another
+of the plan's cuts (edge-only included) makes no bubble at the estimate with a period shorter by
+more than a margin, that cut is taken instead (`shortest_fitting`; the planner's own objective,
+minimum period, at the live estimate and stage times).
 
     T_t(b) = (payload_bytes(b) + overhead_bytes) * 8 / bandwidth + overhead_ms
 
@@ -18,7 +21,9 @@ Hysteresis, in the dead band between two decisions:
   a row (the same holds for returning to the plan's cut).
 So a decision is kept while the estimate stays between its own need and (1 + up_margin) times the
 next decision's need: noise smaller than the margin cannot flip it back and forth, and a real drop
-is followed at the first estimate that shows it. Decisions are ordered by the bandwidth they need
+is followed at the first estimate that shows it. One exception to "up slowly": a cut with a shorter
+period whose need at its lowest bits is under the deflated estimate by `leave_factor` is taken at once (a slow cut
+costs throughput every period, and an estimate that far above the need is no threshold noise). Decisions are ordered by the bandwidth they need
 (`need_mbps`). With up_margin = 0 and up_hold = 1 the quantizer follows the memoryless rule.
 
 Banked accuracy (an extension of the rule; off when no `AccuracyBank` is given). The accuracy
@@ -139,6 +144,9 @@ class AdaptConfig:
     up_margin: float = 0.15  # take a decision that needs more only at estimate / (1 + margin)...
     up_hold: int = 3  # ...asked for this many estimates in a row
     return_to_plan: bool = True  # go back to the plan's cut when it can keep up again
+    # a cut with a shorter period whose need (at its lowest bits) is under estimate / (1 + margin) /
+    # leave_factor is taken at once (leaving a slow cut costs throughput every period; more bits only cost accuracy when wrong)
+    leave_factor: float = 2.0
 
 
 # ---------------------------------------------------------------- pure rule
@@ -208,32 +216,67 @@ def decide(
     plan: list[PlanRow],
     return_to_plan: bool = True,
     bank: AccuracyBank | None = None,
+    margin: float = 0.1,
 ) -> Decision:
-    """The memoryless rule: a decision for bandwidth `mbps` when running `current_cut`."""
+    """The memoryless rule: a decision for bandwidth `mbps` when running `current_cut`.
+
+    The plan table's levels are discrete and the estimate is not: between two levels, the row's
+    cut may be slower than another of the plan's cuts at the estimate (a deep cut planned for an
+    outage, kept while the link is back at 20 times that). So the rule's answer is replaced by the
+    cut with the shortest period among those that make no transmission bubble (edge-only
+    included), when that period is shorter by more than `margin` (`shortest_fitting`). With
+    `return_to_plan` off the current cut is kept while some of its bits fit, as before."""
     row = plan_row_for(plan, mbps)
     cut_id = current_cut if current_cut in cuts else row.cut_id
     bits = highest_fitting_bits(cuts[cut_id], mbps)
     if bits is None:  # even the lowest admissible bits cannot keep up: the plan's answer
-        plan_cut = cuts[row.cut_id]
-        bits = highest_fitting_bits(plan_cut, mbps)
-        if bits is None:
-            bits = row.bits if row.bits in plan_cut.bytes_by_bits else min(plan_cut.bytes_by_bits)
-            why = "transmission-bound at any bits"
-        else:
-            why = f"{bits} bits fit"
-        planned = Decision(row.cut_id, bits, f"cut {cut_id} cannot keep up at {mbps:.2f} Mbit/s; "
-                           f"plan cut for {row.bandwidth_mbps:g} Mbit/s ({why})")
-        below = banked_bits(cuts[cut_id], mbps, bank)
-        if below is not None and cuts[cut_id].period_ms(below, mbps) < plan_cut.period_ms(bits, mbps):
-            return Decision(cut_id, below, f"no admissible bits keep up at {mbps:.2f} Mbit/s; "
-                            f"{below} bits on banked accuracy")
-        return planned
-    if return_to_plan and row.cut_id != cut_id:
+        return shortest_fitting(_when_behind(mbps, cut_id, row, cuts, bank), mbps, cuts, margin)
+    d = Decision(cut_id, bits, f"highest bits with no transmission bubble at {mbps:.2f} Mbit/s")
+    if not return_to_plan:
+        return d
+    if row.cut_id != cut_id:
         plan_bits = highest_fitting_bits(cuts[row.cut_id], mbps)
         if plan_bits is not None:
-            return Decision(row.cut_id, plan_bits, f"back to the plan cut for "
-                            f"{row.bandwidth_mbps:g} Mbit/s; {plan_bits} bits fit at {mbps:.2f}")
-    return Decision(cut_id, bits, f"highest bits with no transmission bubble at {mbps:.2f} Mbit/s")
+            d = Decision(row.cut_id, plan_bits, f"back to the plan cut for "
+                         f"{row.bandwidth_mbps:g} Mbit/s; {plan_bits} bits fit at {mbps:.2f}")
+    return shortest_fitting(d, mbps, cuts, margin)
+
+
+def _when_behind(mbps: float, cut_id: str, row: PlanRow, cuts: dict[str, CutProfile],
+                 bank: AccuracyBank | None) -> Decision:
+    """The current cut cannot keep up at any admissible bits: the plan row's cut (at bits that fit,
+    or its own), or a width below the admissible ones on the current cut if the bank pays for it
+    and its period is shorter."""
+    plan_cut = cuts[row.cut_id]
+    bits = highest_fitting_bits(plan_cut, mbps)
+    if bits is None:
+        bits = row.bits if row.bits in plan_cut.bytes_by_bits else min(plan_cut.bytes_by_bits)
+        why = "transmission-bound at any bits"
+    else:
+        why = f"{bits} bits fit"
+    planned = Decision(row.cut_id, bits, f"cut {cut_id} cannot keep up at {mbps:.2f} Mbit/s; "
+                       f"plan cut for {row.bandwidth_mbps:g} Mbit/s ({why})")
+    below = banked_bits(cuts[cut_id], mbps, bank)
+    if below is not None and cuts[cut_id].period_ms(below, mbps) < plan_cut.period_ms(bits, mbps):
+        return Decision(cut_id, below, f"no admissible bits keep up at {mbps:.2f} Mbit/s; "
+                        f"{below} bits on banked accuracy")
+    return planned
+
+
+def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile], margin: float = 0.1) -> Decision:
+    """`d`, or the cut whose period at `mbps` is the shortest among those that make no transmission
+    bubble at some admissible bits, if that period is shorter than d's by more than `margin`."""
+    period = cuts[d.cut_id].period_ms(d.bits, mbps)
+    best: Decision | None = None
+    best_ms = period / (1 + margin)
+    for c in cuts.values():
+        bits = highest_fitting_bits(c, mbps)
+        if bits is not None and c.target_ms < best_ms:
+            best, best_ms = Decision(c.cut_id, bits, ""), c.target_ms
+    if best is None:
+        return d
+    return Decision(best.cut_id, best.bits, f"cut {best.cut_id} at {best.bits} bits: period {best_ms:.1f} ms "
+                    f"vs {period:.1f} ms for {d.cut_id} at {mbps:.2f} Mbit/s ({d.reason})")
 
 
 def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: list[PlanRow],
@@ -267,6 +310,10 @@ def next_decision(
     need = lambda d: need_mbps(cuts[d.cut_id], d.bits)  # noqa: E731
     if wanted == current or need(wanted) <= need(current):
         return current, 0  # in the dead band
+    least = need_mbps(cuts[wanted.cut_id], min(cuts[wanted.cut_id].bytes_by_bits))
+    if (cuts[wanted.cut_id].target_ms < cuts[current.cut_id].target_ms / (1 + config.up_margin)
+            and least * config.leave_factor <= deflated):
+        return wanted, 0  # a shorter period with the link far above its need: no reason to wait
     if ups + 1 >= config.up_hold:
         return wanted, 0
     return current, ups + 1

@@ -12,8 +12,10 @@ broken, deadline passed) is computed locally with the full model, and a late ans
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -46,11 +48,19 @@ class AgentConfig:
     threads: int = 1  # onnxruntime intra-op threads for the head
     max_inflight: int = 8  # requests sent but not answered (covers the RTT on a high-latency link)
     deadline_ms: float = 5000.0  # past this an unanswered request is computed locally
+    # ...or sooner: past rtt_factor x the median round trip of the recent answers (at least stall_ms)
+    deadline_rtt_factor: float = 8.0  # 0: the fixed deadline only
+    stall_ms: float = 300.0  # an answer this overdue (and rtt_factor x the median round trip) is a stall
     plan: str = "coach"  # whose plan table to follow: "coach" or a baseline of the bundle ("neurosurgeon", ...)
     bits: int | None = None  # fixed bit width (no adaptation)
     cut: str | None = None  # fixed cut id (no cut switching)
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
-    probe_interval_s: float = 1.0  # on edge-only, send a pair of inputs through the cloud this often to measure the link
+    # Probes: when no answer gave the estimator a sample for this long (not calibrated yet, or too little
+    # is sent: a deep cut, cache hits), copies of the input are sent back to back through the cloud-only
+    # cut (Agent._send_probes); their answers only measure the link. On edge-only (nothing sent)
+    # after probe_interval_s.
+    calibrate_interval_s: float = 2.0  # 0: never
+    probe_interval_s: float = 1.0
     edge_slowdown: float = 1.0  # stretch edge compute by this factor to stand for a slower board (benchmarks)
     connect_timeout_s: float = 5.0
     offline_ok: bool = False  # start even if the cloud is unreachable (compute locally until it is up)
@@ -105,6 +115,7 @@ class _Item:
     feature: np.ndarray | None = None  # pooled cut feature, when the cut has a semantic cache
     cache: CacheDecision | None = None
     verify_only: bool = False  # a cache hit sent only to check it: its answer is no result
+    probe: bool = False  # a copy sent only to measure the link (verify_only too)
     charged: bool = False  # its drop at the bits it was sent with is in the quantizer's accuracy bank
 
 
@@ -143,16 +154,21 @@ class Agent:
         self.caches = self._make_caches() if self.config.cache else {}
         self.link: CloudLink | None = None
         # bytes: requests answered by the cloud; verify_bytes: cache hits also sent to check them
+        # probe_bytes: copies sent to measure the link
         self.stats = {"cloud": 0, "edge": 0, "cache": 0, "fallback": 0, "late": 0, "bytes": 0, "verify_bytes": 0,
+                      "probe_bytes": 0,
                       "reconnects": 0}
         self._lock = threading.Lock()
         self._pending: dict[int, _Item] = {}
-        self._slots = threading.Semaphore(self.config.max_inflight)
+        self._room = threading.Condition(self._lock)  # in-flight slots (_inflight_cap)
+        self._inflight = 0
         self._results: queue.Queue = queue.Queue()
         self._local: queue.Queue = queue.Queue()
         self._next_id = 0
-        self._probe_left, self._last_probe = 0, -1e9
+        self._last_sample = self._last_calibration = -1e9  # perf_counter: latest estimator sample, probe pair
         self._last_answer = -1e9  # perf_counter of the latest answer from the cloud
+        self._rtts: collections.deque[float] = collections.deque(maxlen=32)  # ms, recent answers
+        self._stalled = False  # an answer was overdue by the stall time, and none came since
 
     def _make_quantizer(self) -> AdaptiveQuantizer:
         """Adaptive bits (and cut switching) over the plan's cuts; --cut/--bits pin either."""
@@ -388,10 +404,12 @@ class Agent:
                 nxt += 1
 
     def _compute_head(self, item: _Item, to_send: queue.Queue) -> None:
-        decision = self._probe(self._decide())
+        decision = self._decide()
         cut = self.bundle.cuts[decision.cut_id]
         item.cut, item.bits = cut.id, decision.bits
         if cut.kind == "edge-only" or self.link is None or not self.link.up:
+            if cut.kind == "edge-only" and self._calibration_due(self.config.probe_interval_s):
+                to_send.put(dataclasses.replace(item, probe=True))  # nothing else measures the link now
             self._results.put(self._run_locally(item, fallback=cut.kind != "edge-only"))
             return
         t0 = time.perf_counter()
@@ -416,27 +434,6 @@ class Agent:
         item.t_queued = time.perf_counter()
         to_send.put(item)
 
-    def _probe(self, d: Decision) -> Decision:
-        """On edge-only nothing crosses the link, so nothing measures it: now and then send two inputs
-        back to back through the next plan level's cut (real work, answered by the cloud); the second
-        queues behind the first, which gives the bandwidth estimator its sample."""
-        b, cfg = self.bundle, self.config
-        if (b.cuts[d.cut_id].kind != "edge-only" or cfg.cut or cfg.plan != "coach" or self.link is None
-                or not self.link.up):
-            return d
-        now = time.perf_counter()
-        if self._probe_left == 0 and now - self._last_probe >= cfg.probe_interval_s:
-            self._probe_left, self._last_probe = 2, now
-        if self._probe_left == 0:
-            return d
-        est = self.estimator.estimate_mbps() or 0.0
-        above = [r for r in b.plan_table if r.bandwidth_mbps > est and b.cuts[r.cut].kind != "edge-only"]
-        if not above:
-            return d
-        self._probe_left -= 1
-        row = above[0]
-        return Decision(row.cut, cfg.bits or row.bits, "probe: measuring the link from edge-only")
-
     def _stretch(self, t0: float) -> float:
         """Milliseconds since t0, after waiting so that they are edge_slowdown times what they were."""
         ms = (time.perf_counter() - t0) * 1e3
@@ -458,16 +455,60 @@ class Agent:
                                             cut=item.cut, timing=timing, label=item.sample.label)))
 
     def _send(self, item: _Item) -> None:
-        self._slots.acquire()
+        if item.probe:  # from edge-only: only the copies
+            self._send_probes(item)
+            return
+        self._wait_for_room()
         banded = item.cache is not None and item.cache.outcome == "band"
         if self.config.bits is None and not banded:  # the freshest estimate decides this request's bits
             d = self._decide()
             if d.cut_id == item.cut:
                 item.bits = d.bits
+            elif self.bundle.cuts[d.cut_id].kind == "edge-only":  # the link stalled since its head ran
+                self._release_room()
+                self._local.put(item)  # (a verification is dropped there)
+                return
         if not banded and not item.verify_only and not item.charged:  # the cache pays for its band and hits
             with self._lock:
                 self.quantizer.record(item.cut, item.bits)
             item.charged = True  # charged when sent: answered locally after a failure, it is not charged again
+        self._transmit(item)
+        if self._calibration_due():
+            self._send_probes(item)
+
+    def _calibration_due(self, interval_s: float | None = None) -> bool:
+        """A pair of probes is due: the cut is not pinned, the link is up, and no answer gave the
+        estimator a sample for `interval_s` (default `calibrate_interval_s`), nor was a pair sent.
+        Besides edge-only, only once some answer came back (before that there is no base delay)."""
+        cfg, now = self.config, time.perf_counter()
+        interval = cfg.calibrate_interval_s if interval_s is None else interval_s
+        if cfg.cut is not None or interval <= 0 or self.link is None or not self.link.up:
+            return False
+        if interval_s is None and self._last_answer < 0:
+            return False
+        return now - max(self._last_sample, self._last_calibration) >= interval
+
+    def _send_probes(self, item: _Item) -> None:
+        """Copies of the input through the cloud-only cut (its raw inputs: no head to compute), back
+        to back: one at 2 bits, then two at 32 bits. The big ones are several packets each, so the
+        arrival gap of each behind the one before is a dispersion sample (a sub-packet message
+        cannot give one), and the small one makes sure the estimator sees that they queued (its
+        shorter transfer lowers the minimum delay below theirs). Their answers only feed the
+        estimator. They take in-flight slots beyond the cap (and count in it)."""
+        cut = next((c for c in self.bundle.cuts.values() if c.kind == "cloud-only"), None)
+        if cut is None:
+            return
+        self._last_calibration = time.perf_counter()
+        tensors = {t.name: item.sample.inputs[t.name] for t in cut.tensors}
+        for bits in (2, 32, 32):
+            with self._room:
+                self._inflight += 1
+            self._transmit(_Item(seq=item.seq, sample=item.sample, t_capture=item.t_capture, cut=cut.id, bits=bits,
+                                 tensors=tensors, verify_only=True, charged=True, probe=True,
+                                 t_queued=time.perf_counter()))
+
+    def _transmit(self, item: _Item) -> None:
+        """Encode, register as pending and send one request (its slot is taken)."""
         cut = self.bundle.cuts[item.cut]
         t0 = time.perf_counter()
         tensors = [codec.encode(item.tensors[t.name], item.bits, axis=t.quant_axis if item.bits <= 8 else None,
@@ -496,11 +537,39 @@ class Agent:
         with self._lock:
             item = self._pending.pop(req_id, None)
         if item is not None:
-            self._slots.release()
+            self._release_room()
         return item
+
+    def _inflight_cap(self) -> int:
+        """Requests in flight needed to keep the link and the cloud busy (Little's law: the recent
+        median round trip over the current cut's period, plus two), at most `max_inflight`. More
+        would only wait in the link's queue, and strand there when it stalls. Lock held."""
+        cfg = self.config
+        d = self.quantizer.decision
+        cut = self.quantizer.cuts.get(d.cut_id) if d is not None else None
+        if not self._rtts or cut is None or cut.target_ms <= 0:
+            return cfg.max_inflight
+        return max(1, min(cfg.max_inflight, math.ceil(float(np.median(self._rtts)) / cut.target_ms) + 2))
+
+    def _wait_for_room(self, block: bool = True) -> bool:
+        """Take an in-flight slot (waiting for one unless `block` is False)."""
+        with self._room:
+            while self._inflight >= self._inflight_cap():
+                if not block:
+                    return False
+                self._room.wait(0.05)
+            self._inflight += 1
+            return True
+
+    def _release_room(self) -> None:
+        with self._room:
+            self._inflight -= 1
+            self._room.notify()
 
     def _on_response(self, resp: pb.InferResponse) -> None:
         t_recv = self._last_answer = time.perf_counter()
+        with self._lock:
+            self._stalled = False  # an answer, even a late one: the link moves again
         item = self._take(resp.request_id)
         if item is None:
             self.stats["late"] += 1  # already computed locally
@@ -513,14 +582,18 @@ class Agent:
         server_ms = st.queue_ms + st.decode_ms + st.compute_ms
         rtt_ms = (t_recv - item.t_sent) * 1e3
         wire_ms = max(rtt_ms - server_ms, 0.0)
-        self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns, nbytes=st.bytes_received))
+        with self._lock:
+            self._rtts.append(rtt_ms)
+        if self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns,
+                                             nbytes=st.bytes_received)) is not None:
+            self._last_sample = t_recv
         self._observe(item.cut, cloud_ms=st.decode_ms + st.compute_ms)  # service time: a queue is not T_c
         top = resp.topk[0] if resp.topk else pb.ClassScore(index=-1, score=0.0)
         if item.feature is not None:
             self.caches[item.cut].observe(item.feature, top.index, item.cache)
         if item.verify_only:
             with self._lock:
-                self.stats["verify_bytes"] += item.nbytes
+                self.stats["probe_bytes" if item.probe else "verify_bytes"] += item.nbytes
             return  # its result, from the cache, is out already
         timing = {"edge_ms": item.head_ms, "encode_ms": item.encode_ms, "wire_ms": wire_ms,
                   "cloud_ms": st.decode_ms + st.compute_ms,
@@ -540,25 +613,40 @@ class Agent:
             if item is not None:
                 self._local.put(item)
 
+    def _stall_ms(self) -> float:
+        """How overdue an answer must be to call it a stall: rtt_factor x the median round trip of the
+        recent answers, at least `stall_ms`; with no answers yet (or rtt_factor 0), the fixed deadline.
+        Called with the lock held."""
+        cfg = self.config
+        if not self._rtts or cfg.deadline_rtt_factor <= 0:
+            return cfg.deadline_ms
+        return max(cfg.stall_ms, cfg.deadline_rtt_factor * float(np.median(self._rtts)))
+
     def _watchdog(self, stop: threading.Event) -> None:
-        limit = self.config.deadline_ms / 1e3
+        """Requests unanswered past the deadline are computed locally (a late answer is dropped). The
+        deadline is the configured one, or sooner the stall time (`_stall_ms`): in an outage the
+        requests in flight would otherwise wait for the link to come back."""
         while not stop.wait(0.05):
             now = time.perf_counter()
             with self._lock:
-                late = [i for i, it in self._pending.items() if now - it.t_sent > limit]
+                limit_ms = min(self.config.deadline_ms, self._stall_ms())
+                late = [i for i, it in self._pending.items() if now - it.t_sent > limit_ms / 1e3]
             for i in late:
                 item = self._take(i)
                 if item is not None:
-                    log.warning("request %d passed its %.0f ms deadline; computing it locally", i, self.config.deadline_ms)
+                    log.warning("request %d passed its %.0f ms deadline; computing it locally", i, limit_ms)
                     self._local.put(item)
 
     def _run_locally(self, item: _Item, fallback: bool) -> tuple[int, Result]:
         t0 = time.perf_counter()
         out = self.full.run(None, item.sample.inputs)[0]
         cls, score = _top1(out)
-        edge_ms = self._stretch(t0) + item.head_ms
+        full_ms = self._stretch(t0)
+        edge_ms = full_ms + item.head_ms
         with self._lock:
             self.stats["fallback" if fallback else "edge"] += 1
+            if not fallback:  # edge-only's T_e, measured like the heads'
+                self._observe(item.cut, edge_ms=full_ms)
             if not item.charged:
                 self.quantizer.record(item.cut, None)  # the full model's own answer: no drop
         timing = {"edge_ms": edge_ms, "encode_ms": 0.0, "wire_ms": 0.0, "cloud_ms": 0.0, "queue_ms": 0.0,
@@ -575,13 +663,22 @@ class Agent:
 
     def _bandwidth(self) -> float | None:
         """The estimator's figure, or, when answers are overdue by far (an outage, during which no
-        sample arrives), the stall bound (edge/bandwidth.stall_bound_mbps) if it is under half of it.
-        Called with the lock held."""
+        sample arrives), the stall bound (edge/bandwidth.stall_bound_mbps) if it is under half of it;
+        0 (an outage) once the oldest answer is overdue by the stall time (`_stall_ms`), and until an
+        answer comes (the estimate before the outage is stale). Called with the lock held."""
         est = self.estimator.estimate_mbps()
-        if not self._pending or est is None:
+        if self._stalled:
+            return 0.0
+        if not self._pending:
             return est
         oldest = self._pending[min(self._pending)]
         cut = self.quantizer.cuts.get(oldest.cut)
         waited_ms = (time.perf_counter() - max(oldest.t_sent, self._last_answer)) * 1e3
         bound = stall_bound_mbps(oldest.nbytes, waited_ms, cut.cloud_ms if cut else 0.0)
+        if waited_ms > self._stall_ms():
+            self._stalled = True  # (the deadline computes these locally)
+        if self._stalled:
+            return 0.0  # a measured outage, until the next answer
+        if est is None:  # not calibrated yet (nothing queued): no figure
+            return None
         return bound if bound < 0.5 * est else est

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", choices=["zstd", "lz4"], help="lossless stage on the packed tensor")
     p.add_argument("--max-inflight", type=int, default=8, help="requests on the wire at once (default 8)")
     p.add_argument("--deadline-ms", type=float, default=5000.0, help="compute locally past this (default 5000)")
+    p.add_argument("--deadline-rtt-factor", type=float, default=8.0,
+                   help="...or past this many median round trips, at least 300 ms (default 8; 0: fixed deadline only)")
     p.add_argument("--offline-ok", action="store_true", help="start even if the cloud is unreachable")
     p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the cloud's certificate; enables TLS")
     p.add_argument("--tls-cert", help="this device's client certificate (PEM), for mutual TLS")
@@ -72,6 +74,7 @@ def run(args) -> int:
                               "token": args.token or os.environ.get("COACH_TOKEN")}.items() if v}
     cfg = AgentConfig(cloud=args.cloud, providers=args.providers.split(",") if args.providers else None,
                       threads=args.threads, max_inflight=args.max_inflight, deadline_ms=args.deadline_ms,
+                      deadline_rtt_factor=args.deadline_rtt_factor,
                       bits=args.bits, cut=args.cut, compress=args.compress, offline_ok=args.offline_ok, link=link,
                       plan=args.plan, cache=not args.no_cache, bank=not args.no_accuracy_bank)
     import signal

@@ -333,3 +333,46 @@ def test_drop_upper_bound():
     assert drop_upper_bound(0.0, 200) > 0.5  # nothing measured wrong on 200 inputs still bounds at ~0.8
     assert drop_upper_bound(2.0, 2000) < drop_upper_bound(2.0, 200)  # more calibration, tighter bound
     assert drop_upper_bound(-1.0, 200) >= 0.0
+
+
+# ---------------------------------------------------------------- between the plan's levels
+
+# The GesFi shape that trapped the runtime: a deep cut `d` the plan gives for near-outages (tiny
+# payload, heavy head: 65 ms a period), a shallow cut `s` (21 ms) from 0.9 Mbit/s up, and edge-only.
+LEVELS = [
+    CutProfile("d", edge_ms=65.0, cloud_ms=1.0, bytes_by_bits={32: 576, 2: 96}),
+    CutProfile("s", edge_ms=21.0, cloud_ms=6.0, bytes_by_bits={32: 8256, 8: 2112, 2: 576}),
+    CutProfile("e", edge_ms=66.0, cloud_ms=0.0, bytes_by_bits={32: 0}),
+]
+LEVELS_BY_ID = {c.cut_id: c for c in LEVELS}
+LEVELS_PLAN = [PlanRow(0.035, "d", 2), PlanRow(0.9, "s", 2), PlanRow(4.0, "s", 32)]
+
+
+def test_a_slower_plan_cut_between_levels_is_not_taken():
+    # 0.7 Mbit/s is below the 0.9 level, whose row is the deep cut; but s@2 fits (576 B in 6.6 ms
+    # <= 21 ms): a 21 ms period instead of 65 ms
+    d = decide(0.7, "s", LEVELS_BY_ID, LEVELS_PLAN)
+    assert (d.cut_id, d.bits) == ("s", 2) and "period" in d.reason
+    d = decide(0.7, "d", LEVELS_BY_ID, LEVELS_PLAN)  # on the deep cut already: leave it
+    assert d.cut_id == "s"
+    d = decide(0.1, "s", LEVELS_BY_ID, LEVELS_PLAN)  # s@2 needs 0.22 Mbit/s: the plan's deep cut
+    assert (d.cut_id, d.bits) == ("d", 32)
+    d = decide(0.7, "d", LEVELS_BY_ID, LEVELS_PLAN, return_to_plan=False)  # keep the cut while it fits
+    assert d.cut_id == "d"
+
+
+def test_an_outage_goes_edge_only_not_into_a_dead_link():
+    d = decide(1e-6, "s", LEVELS_BY_ID, LEVELS_PLAN)  # nothing that sends keeps up: edge-only does
+    assert d.cut_id == "e"
+    d = decide(1e-6, "s", LEVELS_BY_ID, [PlanRow(0.0, "d", 2), PlanRow(0.9, "s", 2)])
+    assert d.cut_id == "e"
+
+
+def test_a_much_shorter_period_is_taken_at_once():
+    cfg = AdaptConfig()  # up_hold 3, leave_factor 2
+    d, ups = next_decision(Decision("e", 32), 0, 0.9, LEVELS_BY_ID, LEVELS_PLAN, cfg)
+    assert d.cut_id == "s" and ups == 0  # s@2 needs 0.22 Mbit/s; 0.9 / 1.15 >= 2 x 0.22
+    d, ups = next_decision(Decision("e", 32), 0, 0.4, LEVELS_BY_ID, LEVELS_PLAN, cfg)
+    assert d.cut_id == "e" and ups == 1  # s fits, but not by the factor: the usual hold
+    d, ups = next_decision(Decision("s", 2), 0, 20.0, LEVELS_BY_ID, LEVELS_PLAN, cfg)
+    assert (d.cut_id, d.bits, ups) == ("s", 2, 1)  # more bits on the same cut: the usual hold

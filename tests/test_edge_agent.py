@@ -199,3 +199,26 @@ def test_tls_and_token_from_the_edge(coach, bundle, tmp_path, interior):
     finally:
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.5])
+def test_probes_calibrate_an_estimator_that_nothing_queues_for(bundle, cloud, interval_s):
+    """Paced inputs on an ample link never queue, so no request's timing says what the link can do
+    (the estimator stays uncalibrated); probe pairs (two copies of an input through the cloud-only
+    cut, back to back) calibrate it. Their answers are no results: still one per input, in order."""
+    from bench.link import LinkEmulator
+
+    emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", cloud.port), "const:50", "const:50", delay_ms=5).start()
+    try:
+        agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False,
+                                          calibrate_interval_s=interval_s, probe_interval_s=interval_s))
+        with agent:
+            results = list(agent.run(open_source("synthetic:60", agent.inputs), rate_hz=20))
+        assert [r.id for r in results] == list(range(60))
+        if interval_s:
+            assert agent.stats["probe_bytes"] > 0 and agent.estimator.calibrated
+            assert agent.estimator.estimate_mbps() is not None
+        else:
+            assert agent.stats["probe_bytes"] == 0 and not agent.estimator.calibrated
+    finally:
+        emu.stop()

@@ -71,3 +71,38 @@ def test_no_pickle_anywhere():
             if pattern.search(line):
                 offenders.append(f"{rel}:{i}: {line.strip()}")
     assert not offenders, "pickle in the source:\n" + "\n".join(offenders)
+
+
+def test_adaptive_agent_goes_edge_only_in_an_outage_and_comes_back(toy_bundle):
+    """The adaptive agent (no pinned cut; the edge slowed x50, so that the cloud is worth it) on a
+    link cut for 3 s: a request overdue by the stall time (8 round trips, at least 300 ms: far under
+    the 5 s deadline) is computed locally, what comes next runs edge-only instead of piling into the
+    dead link, and probe pairs find the link again when it is back."""
+    from bench.load_bench import ServerProcess
+
+    srv = ServerProcess(["--bundle", str(toy_bundle), "--listen", "127.0.0.1:0"])
+    trace = parse_trace(cut_trace(up_s=2.0, cut_s=3.0, period_s=60.0), name="cut")
+    emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", srv.port), trace, "const:50").start()
+    try:
+        agent = Agent(toy_bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, deadline_ms=5000,
+                                              edge_slowdown=50))
+        t0 = time.perf_counter()
+        results, when = [], []
+        with agent:
+            for r in agent.run(open_source("synthetic:900", agent.inputs)):
+                results.append(r)
+                when.append(time.perf_counter() - t0)
+        assert [r.id for r in results] == list(range(900))
+        before = [r.where for r, t in zip(results, when) if 0.5 < t < 1.8]
+        assert before and before.count("cloud") > 0.8 * len(before)
+        during = [r for r, t in zip(results, when) if 2.8 < t < 4.8]
+        assert during and all(r.where == "edge" for r in during)
+        assert sum(r.cut == "edge-only" for r in during) > 0.8 * len(during)  # chosen, not fallen back to
+        assert max(r.timing["total_ms"] for r in during) < 2500  # the stall time, not the deadline
+        after = [r.where for r, t in zip(results, when) if t > 6.0]
+        assert after and after.count("cloud") > 0.8 * len(after)
+        assert agent.stats["probe_bytes"] > 0
+    finally:
+        emu.stop()
+        srv.proc.kill()
+        srv.proc.wait()
