@@ -292,12 +292,13 @@ def print_table(result: dict) -> None:
     console = Console()
     for trace in result["traces"]:
         t = Table(title=f"{result['model']} on {Path(trace).name}")
-        for col in ("method", "accuracy", "p50 ms", "p95 ms", "throughput /s", "bubble", "bytes sent", "cache hits"):
+        for col in ("method", "accuracy", "p50 ms", "p95 ms", "mean ms", "throughput /s", "bubble", "bytes sent",
+                    "cache hits"):
             t.add_column(col, justify="right")
         for r in (x for x in result["rows"] if x["trace"] == trace):
             t.add_row(LABELS.get(r["method"], r["method"]),
                       "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
-                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['throughput_hz']:.2f}", f"{r['bubble_ratio']:.2f}",
+                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_ms']:.1f}", f"{r['throughput_hz']:.2f}", f"{r['bubble_ratio']:.2f}",
                       str(r["bytes_sent"]), "-" if r["cache_hit_rate"] is None else f"{100 * r['cache_hit_rate']:.0f}%")
         console.print(t)
     for c in result["comparisons"]:

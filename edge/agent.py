@@ -151,6 +151,9 @@ class Agent:
         self.full = load_session(b.full_path, self.providers, self.config.threads)
         self.estimator = BandwidthEstimator()
         self.quantizer = self._make_quantizer()
+        # whether the bandwidth estimate can change anything (edge-only or cloud-only alone: no probes)
+        self._adapts = (len(self.quantizer.cuts) > 1
+                        or any(len(c.bytes_by_bits) + len(c.below_bytes) > 1 for c in self.quantizer.cuts.values()))
         self.caches = self._make_caches() if self.config.cache else {}
         self.link: CloudLink | None = None
         # bytes: requests answered by the cloud; verify_bytes: cache hits also sent to check them
@@ -477,12 +480,13 @@ class Agent:
             self._send_probes(item)
 
     def _calibration_due(self, interval_s: float | None = None) -> bool:
-        """A pair of probes is due: the cut is not pinned, the link is up, and no answer gave the
-        estimator a sample for `interval_s` (default `calibrate_interval_s`), nor was a pair sent.
+        """Probes are due: the estimate can change a decision (more than one cut or width to choose
+        from), the link is up, and no answer gave the estimator a sample for `interval_s` (default
+        `calibrate_interval_s`), nor were probes sent.
         Besides edge-only, only once some answer came back (before that there is no base delay)."""
         cfg, now = self.config, time.perf_counter()
         interval = cfg.calibrate_interval_s if interval_s is None else interval_s
-        if cfg.cut is not None or interval <= 0 or self.link is None or not self.link.up:
+        if not self._adapts or interval <= 0 or self.link is None or not self.link.up:
             return False
         if interval_s is None and self._last_answer < 0:
             return False
