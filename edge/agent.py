@@ -49,8 +49,8 @@ class AgentConfig:
     max_inflight: int = 8  # requests sent but not answered (covers the RTT on a high-latency link)
     deadline_ms: float = 5000.0  # past this an unanswered request is computed locally
     # ...or sooner: past rtt_factor x the median round trip of the recent answers (at least stall_ms)
-    deadline_rtt_factor: float = 8.0  # 0: the fixed deadline only
-    stall_ms: float = 300.0  # an answer this overdue (and rtt_factor x the median round trip) is a stall
+    deadline_rtt_factor: float = 5.0  # 0: the fixed deadline only
+    stall_ms: float = 150.0  # an answer this overdue (and rtt_factor x the median round trip) is a stall
     plan: str = "coach"  # whose plan table to follow: "coach" or a baseline of the bundle ("neurosurgeon", ...)
     bits: int | None = None  # fixed bit width (no adaptation)
     cut: str | None = None  # fixed cut id (no cut switching)
@@ -334,7 +334,7 @@ class Agent:
     def run(self, samples: Iterable[Sample], rate_hz: float | None = None) -> Iterator[Result]:
         """Results in input order, one per sample. `rate_hz` paces the inputs (default: as fast as possible)."""
         self.connect()
-        to_send: queue.Queue = queue.Queue(maxsize=2)
+        to_send: queue.Queue = queue.Queue(maxsize=1)
         state = {"count": None, "error": None}
         stop = threading.Event()
 
@@ -553,7 +553,7 @@ class Agent:
         cut = self.quantizer.cuts.get(d.cut_id) if d is not None else None
         if not self._rtts or cut is None or cut.target_ms <= 0:
             return cfg.max_inflight
-        return max(1, min(cfg.max_inflight, math.ceil(float(np.median(self._rtts)) / cut.target_ms) + 2))
+        return max(1, min(cfg.max_inflight, math.ceil(float(np.median(self._rtts)) / cut.target_ms) + 1))
 
     def _wait_for_room(self, block: bool = True) -> bool:
         """Take an in-flight slot (waiting for one unless `block` is False)."""

@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", choices=["zstd", "lz4"], help="lossless stage on the packed tensor")
     p.add_argument("--max-inflight", type=int, default=8, help="requests on the wire at once (default 8)")
     p.add_argument("--deadline-ms", type=float, default=5000.0, help="compute locally past this (default 5000)")
-    p.add_argument("--deadline-rtt-factor", type=float, default=8.0,
-                   help="...or past this many median round trips, at least 300 ms (default 8; 0: fixed deadline only)")
+    p.add_argument("--deadline-rtt-factor", type=float, default=5.0,
+                   help="...or past this many median round trips, at least 150 ms (default 5; 0: fixed deadline only)")
     p.add_argument("--offline-ok", action="store_true", help="start even if the cloud is unreachable")
     p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the cloud's certificate; enables TLS")
     p.add_argument("--tls-cert", help="this device's client certificate (PEM), for mutual TLS")

@@ -75,7 +75,7 @@ def test_no_pickle_anywhere():
 
 def test_adaptive_agent_goes_edge_only_in_an_outage_and_comes_back(toy_bundle):
     """The adaptive agent (no pinned cut; the edge slowed x50, so that the cloud is worth it) on a
-    link cut for 3 s: a request overdue by the stall time (8 round trips, at least 300 ms: far under
+    link cut for 3 s: a request overdue by the stall time (5 round trips, at least 150 ms: far under
     the 5 s deadline) is computed locally, what comes next runs edge-only instead of piling into the
     dead link, and probe pairs find the link again when it is back."""
     from bench.load_bench import ServerProcess
