@@ -482,13 +482,10 @@ class Agent:
     def _calibration_due(self, interval_s: float | None = None) -> bool:
         """Probes are due: the estimate can change a decision (more than one cut or width to choose
         from), the link is up, and no answer gave the estimator a sample for `interval_s` (default
-        `calibrate_interval_s`), nor were probes sent.
-        Besides edge-only, only once some answer came back (before that there is no base delay)."""
+        `calibrate_interval_s`), nor were probes sent (so the first request is followed by some)."""
         cfg, now = self.config, time.perf_counter()
         interval = cfg.calibrate_interval_s if interval_s is None else interval_s
         if not self._adapts or interval <= 0 or self.link is None or not self.link.up:
-            return False
-        if interval_s is None and self._last_answer < 0:
             return False
         return now - max(self._last_sample, self._last_calibration) >= interval
 
