@@ -299,8 +299,12 @@ def next_decision(
     plan: list[PlanRow],
     config: AdaptConfig,
     bank: AccuracyBank | None = None,
+    fresh: bool = True,
 ) -> tuple[Decision, int]:
-    """One step of the hysteresis: (decision to use now, consecutive up-requests so far)."""
+    """One step of the hysteresis: (decision to use now, consecutive up-requests so far).
+
+    `fresh` False: the same estimate as last time (only the stage times moved): it may take the
+    decision down, or to a much shorter period at once, but it is no new up-request."""
     if current is None:
         return decide(mbps, None, cuts, plan, config.return_to_plan, bank), 0
     if not holds(current, mbps, cuts, plan, config.return_to_plan, bank):  # a bubble: down at once
@@ -314,6 +318,8 @@ def next_decision(
     if (cuts[wanted.cut_id].target_ms < cuts[current.cut_id].target_ms / (1 + config.up_margin)
             and least * config.leave_factor <= deflated):
         return wanted, 0  # a shorter period with the link far above its need: no reason to wait
+    if not fresh:
+        return current, ups
     if ups + 1 >= config.up_hold:
         return wanted, 0
     return current, ups + 1
@@ -354,8 +360,9 @@ class AdaptiveQuantizer:
         """Take the latest estimate and return the decision to use now.
 
         None, or the same value as last time (the estimator had nothing new), is no news: it
-        returns the current decision and does not count towards `up_hold`, so callers may ask
-        once per request even when estimates arrive less often. A decision below the admissible
+        does not count towards `up_hold`, so callers may ask once per request even when estimates
+        arrive less often (the same value is still checked against the stage times, which move:
+        it can take the decision down, or to a much shorter period). A decision below the admissible
         widths is left as soon as the bank can no longer pay for it, news or not.
         """
         if self.decision is not None and self._last is not None and self._overdrawn():
@@ -363,7 +370,7 @@ class AdaptiveQuantizer:
         if estimate_mbps is not None and estimate_mbps <= 0 and self.decision is not None:
             estimate_mbps = 1e-6  # a measured outage: as little as can be (before any decision: no news)
         if estimate_mbps is not None and estimate_mbps == self._last and self.decision is not None:
-            return self.decision
+            return self._step(estimate_mbps, fresh=False)  # the stage times may have moved
         if estimate_mbps is not None:
             self._last = estimate_mbps
         if estimate_mbps is None or estimate_mbps <= 0:
@@ -387,9 +394,9 @@ class AdaptiveQuantizer:
         cut = self.cuts.get(d.cut_id) if d is not None else None
         return cut is not None and overdrawn(cut, d.bits, self.bank)
 
-    def _step(self, estimate_mbps: float) -> Decision:
+    def _step(self, estimate_mbps: float, fresh: bool = True) -> Decision:
         new, self._ups = next_decision(
-            self.decision, self._ups, estimate_mbps, self.cuts, self.plan, self.config, self.bank
+            self.decision, self._ups, estimate_mbps, self.cuts, self.plan, self.config, self.bank, fresh
         )
         if self.decision is not None and new != self.decision:
             self.changes += 1

@@ -675,11 +675,17 @@ class Agent:
         oldest = self._pending[min(self._pending)]
         cut = self.quantizer.cuts.get(oldest.cut)
         waited_ms = (time.perf_counter() - max(oldest.t_sent, self._last_answer)) * 1e3
-        bound = stall_bound_mbps(oldest.nbytes, waited_ms, cut.cloud_ms if cut else 0.0)
         if waited_ms > self._stall_ms():
             self._stalled = True  # (the deadline computes these locally)
-        if self._stalled:
             return 0.0  # a measured outage, until the next answer
         if est is None:  # not calibrated yet (nothing queued): no figure
             return None
+        # What any answer takes besides the transfer (propagation, the cloud): the shortest recent round
+        # trip. And the bound is evidence only well past the transfer the estimate expects (4x, and 50 ms
+        # more): for a message of a few hundred bytes a scheduling hiccup would otherwise "bound" the
+        # link to a few kbit/s.
+        floor_ms = min(self._rtts) if self._rtts else (cut.cloud_ms if cut else 0.0)
+        if est > 0 and waited_ms < floor_ms + 4 * oldest.nbytes * 8 / (est * 1e3) + 50.0:
+            return est
+        bound = stall_bound_mbps(oldest.nbytes, waited_ms, floor_ms)
         return bound if bound < 0.5 * est else est
