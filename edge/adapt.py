@@ -3,9 +3,10 @@
 The rule (DESIGN.md, "Online runtime"): for the current cut pick the highest admissible bit width
 b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included),
 so that transmission never becomes the pipeline's slowest stage (no transmission bubble). When
-even the lowest admissible b cannot keep up, switch to the cut the plan table gives for that bandwidth level (with the plan's bits, or higher ones if they fit).
-When the plan table's cut for the current bandwidth can keep up and differs from the current cut
-(the link recovered after a dip made us leave it), we return to it: the plan's cut is the one
+even the lowest admissible b cannot keep up, switch to the cut the plan table gives for that
+bandwidth level (with the plan's bits, or higher ones if they fit). When the plan table's cut
+for the current bandwidth can keep up and differs from the current cut (the link recovered after
+a dip made us leave it), we return to it: the plan's cut is the one
 the planner found best at that bandwidth. The plan's levels are discrete, though: where another
 of the plan's cuts (edge-only included) makes no bubble at the estimate with a period shorter by
 more than a margin, that cut is taken instead (`shortest_fitting`; the planner's own objective,
@@ -21,10 +22,11 @@ Hysteresis, in the dead band between two decisions:
   a row (the same holds for returning to the plan's cut).
 So a decision is kept while the estimate stays between its own need and (1 + up_margin) times the
 next decision's need: noise smaller than the margin cannot flip it back and forth, and a real drop
-is followed at the first estimate that shows it. One exception to "up slowly": a cut with a shorter
-period whose need at its lowest bits is under the deflated estimate by `leave_factor` is taken at once (a slow cut
-costs throughput every period, and an estimate that far above the need is no threshold noise). Decisions are ordered by the bandwidth they need
-(`need_mbps`). With up_margin = 0 and up_hold = 1 the quantizer follows the memoryless rule.
+is followed at the first estimate that shows it. One exception to "up slowly": a cut with a
+shorter period whose need at its lowest bits is under the deflated estimate by `leave_factor` is
+taken at once (a slow cut costs throughput every period, and an estimate that far above the need
+is no threshold noise). Decisions are ordered by the bandwidth they need (`need_mbps`). With
+up_margin = 0 and up_hold = 1 the quantizer follows the memoryless rule.
 
 Banked accuracy (an extension of the rule; off when no `AccuracyBank` is given). The accuracy
 budget holds for the answers as a whole, not for each one. While the link has room, the rule sends
@@ -144,8 +146,12 @@ class AdaptConfig:
     up_margin: float = 0.15  # take a decision that needs more only at estimate / (1 + margin)...
     up_hold: int = 3  # ...asked for this many estimates in a row
     return_to_plan: bool = True  # go back to the plan's cut when it can keep up again
+    # take another cut whose period is shorter by this much (`shortest_fitting`); None: the plan table
+    # alone says which cut (how the baselines run: their own planners' choices)
+    period_margin: float | None = 0.1
     # a cut with a shorter period whose need (at its lowest bits) is under estimate / (1 + margin) /
-    # leave_factor is taken at once (leaving a slow cut costs throughput every period; more bits only cost accuracy when wrong)
+    # leave_factor is taken at once (leaving a slow cut costs throughput every period; more bits only
+    # cost accuracy when wrong)
     leave_factor: float = 2.0
 
 
@@ -216,7 +222,7 @@ def decide(
     plan: list[PlanRow],
     return_to_plan: bool = True,
     bank: AccuracyBank | None = None,
-    margin: float = 0.1,
+    margin: float | None = 0.1,
 ) -> Decision:
     """The memoryless rule: a decision for bandwidth `mbps` when running `current_cut`.
 
@@ -224,8 +230,8 @@ def decide(
     cut may be slower than another of the plan's cuts at the estimate (a deep cut planned for an
     outage, kept while the link is back at 20 times that). So the rule's answer is replaced by the
     cut with the shortest period among those that make no transmission bubble (edge-only
-    included), when that period is shorter by more than `margin` (`shortest_fitting`). With
-    `return_to_plan` off the current cut is kept while some of its bits fit, as before."""
+    included), when that period is shorter by more than `margin` (`shortest_fitting`; None: never).
+    With `return_to_plan` off the current cut is kept while some of its bits fit, as before."""
     row = plan_row_for(plan, mbps)
     cut_id = current_cut if current_cut in cuts else row.cut_id
     bits = highest_fitting_bits(cuts[cut_id], mbps)
@@ -263,9 +269,12 @@ def _when_behind(mbps: float, cut_id: str, row: PlanRow, cuts: dict[str, CutProf
     return planned
 
 
-def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile], margin: float = 0.1) -> Decision:
+def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile],
+                     margin: float | None = 0.1) -> Decision:
     """`d`, or the cut whose period at `mbps` is the shortest among those that make no transmission
-    bubble at some admissible bits, if that period is shorter than d's by more than `margin`."""
+    bubble at some admissible bits, if that period is shorter than d's by more than `margin` (None: d)."""
+    if margin is None:
+        return d
     period = cuts[d.cut_id].period_ms(d.bits, mbps)
     best: Decision | None = None
     best_ms = period / (1 + margin)
@@ -280,7 +289,7 @@ def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile], marg
 
 
 def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: list[PlanRow],
-          return_to_plan: bool = True, bank: AccuracyBank | None = None) -> bool:
+          return_to_plan: bool = True, bank: AccuracyBank | None = None, margin: float | None = 0.1) -> bool:
     """Can `decision` stay at this bandwidth: it makes no bubble (and, below the admissible widths,
     the bank still pays for it), or nothing would do better?"""
     cut = cuts[decision.cut_id]
@@ -288,7 +297,7 @@ def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: li
         return False
     if cut.transmit_ms(decision.bits, mbps) <= cut.target_ms:
         return True
-    return decide(mbps, decision.cut_id, cuts, plan, return_to_plan, bank) == decision
+    return decide(mbps, decision.cut_id, cuts, plan, return_to_plan, bank, margin) == decision
 
 
 def next_decision(
@@ -306,11 +315,11 @@ def next_decision(
     `fresh` False: the same estimate as last time (only the stage times moved): it may take the
     decision down, or to a much shorter period at once, but it is no new up-request."""
     if current is None:
-        return decide(mbps, None, cuts, plan, config.return_to_plan, bank), 0
-    if not holds(current, mbps, cuts, plan, config.return_to_plan, bank):  # a bubble: down at once
-        return decide(mbps, current.cut_id, cuts, plan, config.return_to_plan, bank), 0
+        return decide(mbps, None, cuts, plan, config.return_to_plan, bank, config.period_margin), 0
+    if not holds(current, mbps, cuts, plan, config.return_to_plan, bank, config.period_margin):  # down at once
+        return decide(mbps, current.cut_id, cuts, plan, config.return_to_plan, bank, config.period_margin), 0
     deflated = mbps / (1 + config.up_margin)
-    wanted = decide(deflated, current.cut_id, cuts, plan, config.return_to_plan, bank)
+    wanted = decide(deflated, current.cut_id, cuts, plan, config.return_to_plan, bank, config.period_margin)
     need = lambda d: need_mbps(cuts[d.cut_id], d.bits)  # noqa: E731
     if wanted == current or need(wanted) <= need(current):
         return current, 0  # in the dead band

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import AccuracyBank, AdaptiveQuantizer, CutProfile, Decision, drop_upper_bound
+from edge.adapt import AccuracyBank, AdaptConfig, AdaptiveQuantizer, CutProfile, Decision, drop_upper_bound
 from edge.adapt import PlanRow as AdaptRow
 from edge.bandwidth import BandwidthEstimator, Observation, stall_bound_mbps
 from edge.cloud_link import CloudLink, LinkConfig
@@ -205,7 +205,9 @@ class Agent:
         bank = None
         if cfg.bank and cfg.bits is None and row_bits is None:
             bank = AccuracyBank(budget=self._bank_budget(), window=cfg.bank_window)
-        return AdaptiveQuantizer(profiles, rows, bank=bank)
+        # a baseline's cut is its own planner's choice for the level (no switching by the live period)
+        config = AdaptConfig() if row_bits is None else AdaptConfig(period_margin=None)
+        return AdaptiveQuantizer(profiles, rows, config, bank=bank)
 
     def _calibration_samples(self) -> int:
         """How many calibration inputs the plan measured its accuracy drops on (100 if it does not say)."""
