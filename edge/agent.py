@@ -545,7 +545,7 @@ class Agent:
 
     def _inflight_cap(self) -> int:
         """Requests in flight needed to keep the link and the cloud busy (Little's law: the recent
-        median round trip over the current cut's period, plus two), at most `max_inflight`. More
+        median round trip over the current cut's period, plus one), at most `max_inflight`. More
         would only wait in the link's queue, and strand there when it stalls. Lock held."""
         cfg = self.config
         d = self.quantizer.decision
@@ -554,15 +554,12 @@ class Agent:
             return cfg.max_inflight
         return max(1, min(cfg.max_inflight, math.ceil(float(np.median(self._rtts)) / cut.target_ms) + 1))
 
-    def _wait_for_room(self, block: bool = True) -> bool:
-        """Take an in-flight slot (waiting for one unless `block` is False)."""
+    def _wait_for_room(self) -> None:
+        """Take an in-flight slot, waiting for one under the cap."""
         with self._room:
             while self._inflight >= self._inflight_cap():
-                if not block:
-                    return False
                 self._room.wait(0.05)
             self._inflight += 1
-            return True
 
     def _release_room(self) -> None:
         with self._room:
