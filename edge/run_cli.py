@@ -68,6 +68,9 @@ def run(args) -> int:
     from edge.sources import open_source
     from edge.status import RunStats, StatusLine
 
+    if args.deadline_rtt_factor < 0:
+        raise UserError(f"--deadline-rtt-factor {args.deadline_rtt_factor:g}: use 0 (the fixed deadline only) "
+                        "or a positive number of round trips")
     if args.bits is not None and args.bits not in (32, 16, 8, 6, 4, 3, 2):
         raise UserError(f"--bits {args.bits}: use one of 32, 16, 8, 6, 4, 3, 2")
     link = {k: v for k, v in {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,

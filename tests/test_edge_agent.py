@@ -137,6 +137,12 @@ def test_unreachable_cloud_is_one_line_exit_2(coach, bundle):
     assert r.stderr.count("\n") == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_negative_deadline_rtt_factor_is_one_line_exit_2(coach, bundle):
+    r = coach("edge", "run", "--bundle", str(bundle), "--cloud", "127.0.0.1:9", "--source", "synthetic:3",
+              "--deadline-rtt-factor", "-1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--deadline-rtt-factor" in r.stderr
+
+
 def test_offline_ok_computes_locally(bundle):
     agent = Agent(bundle, AgentConfig(cloud="127.0.0.1:9", offline_ok=True, cache=False))
     with agent:
