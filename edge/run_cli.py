@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never send below the plan's admissible bit widths (default: on dips, when the running "
                         "accuracy drop has room in the budget, narrower measured widths keep the link up)")
     p.add_argument("--compress", choices=["zstd", "lz4"], help="lossless stage on the packed tensor")
-    p.add_argument("--max-inflight", type=int, default=8, help="requests on the wire at once (default 8)")
+    p.add_argument("--max-inflight", type=int, default=8,
+                   help="at most this many requests on the wire (default 8; the agent keeps fewer: what the "
+                        "median round trip needs at the current period, plus one)")
     p.add_argument("--deadline-ms", type=float, default=5000.0, help="compute locally past this (default 5000)")
     p.add_argument("--deadline-rtt-factor", type=float, default=5.0,
                    help="...or past this many median round trips, at least 150 ms (default 5; 0: fixed deadline only)")
