@@ -298,7 +298,8 @@ def print_table(result: dict) -> None:
         for r in (x for x in result["rows"] if x["trace"] == trace):
             t.add_row(LABELS.get(r["method"], r["method"]),
                       "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
-                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_ms']:.1f}", f"{r['throughput_hz']:.2f}", f"{r['bubble_ratio']:.2f}",
+                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['mean_ms']:.1f}", f"{r['throughput_hz']:.2f}",
+                      f"{r['bubble_ratio']:.2f}",
                       str(r["bytes_sent"]), "-" if r["cache_hit_rate"] is None else f"{100 * r['cache_hit_rate']:.0f}%")
         console.print(t)
     for c in result["comparisons"]:

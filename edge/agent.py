@@ -504,8 +504,7 @@ class Agent:
         self._last_calibration = time.perf_counter()
         tensors = {t.name: item.sample.inputs[t.name] for t in cut.tensors}
         for bits in (2, 32, 32):
-            with self._room:
-                self._inflight += 1
+            self._wait_for_room(cap=False)
             self._transmit(_Item(seq=item.seq, sample=item.sample, t_capture=item.t_capture, cut=cut.id, bits=bits,
                                  tensors=tensors, verify_only=True, charged=True, probe=True,
                                  t_queued=time.perf_counter()))
@@ -554,10 +553,10 @@ class Agent:
             return cfg.max_inflight
         return max(1, min(cfg.max_inflight, math.ceil(float(np.median(self._rtts)) / cut.target_ms) + 1))
 
-    def _wait_for_room(self) -> None:
-        """Take an in-flight slot, waiting for one under the cap."""
+    def _wait_for_room(self, cap: bool = True) -> None:
+        """Take an in-flight slot, waiting for one under the cap (`cap` False: at once, beyond it)."""
         with self._room:
-            while self._inflight >= self._inflight_cap():
+            while cap and self._inflight >= self._inflight_cap():
                 self._room.wait(0.05)
             self._inflight += 1
 
@@ -683,8 +682,8 @@ class Agent:
         # trip. And the bound is evidence only well past the transfer the estimate expects (4x, and 50 ms
         # more): for a message of a few hundred bytes a scheduling hiccup would otherwise "bound" the
         # link to a few kbit/s.
-        floor_ms = min(self._rtts) if self._rtts else (cut.cloud_ms if cut else 0.0)
-        if est > 0 and waited_ms < floor_ms + 4 * oldest.nbytes * 8 / (est * 1e3) + 50.0:
+        base_ms = min(self._rtts) if self._rtts else (cut.cloud_ms if cut else 0.0)
+        if est > 0 and waited_ms < base_ms + 4 * oldest.nbytes * 8 / (est * 1e3) + 50.0:
             return est
-        bound = stall_bound_mbps(oldest.nbytes, waited_ms, floor_ms)
+        bound = stall_bound_mbps(oldest.nbytes, waited_ms, base_ms)
         return bound if bound < 0.5 * est else est

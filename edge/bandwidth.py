@@ -142,15 +142,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def stall_bound_mbps(oldest_bytes: int, waited_ms: float, cloud_ms: float, floor_ms: float = 1.0) -> float:
+def stall_bound_mbps(oldest_bytes: int, waited_ms: float, base_ms: float, floor_ms: float = 1.0) -> float:
     """An upper bound on the uplink's rate while answers are overdue (an outage: no sample arrives).
 
     The oldest unanswered request has had `waited_ms` (since it was sent, or since the last answer
     came, whichever is later; the link was busy with earlier requests before that) to cross the
-    link and be computed (`cloud_ms`), and it has not come back: the link moved fewer than
-    `oldest_bytes` in waited_ms - cloud_ms. Answers keep coming when the cloud, not the link, is the
-    slow stage, so a long wait is the link's."""
-    return oldest_bytes * 8 / (max(waited_ms - cloud_ms, floor_ms) * 1e3)
+    link, and it has not come back; `base_ms` is what an answer takes besides the transfer (the
+    cloud's compute, and the propagation: the agent passes the shortest recent round trip). So the
+    link moved fewer than `oldest_bytes` in waited_ms - base_ms. Answers keep coming when the
+    cloud, not the link, is the slow stage, so a long wait is the link's."""
+    return oldest_bytes * 8 / (max(waited_ms - base_ms, floor_ms) * 1e3)
 
 
 def harmonic_mbps(samples: Iterable[Sample]) -> float | None:

@@ -25,37 +25,42 @@ def cut_trace(up_s: float, cut_s: float, period_s: float, per_ms: int = 4) -> st
     return "\n".join(lines) + "\n"
 
 
-def test_link_cut_for_5_seconds(toy_bundle):
-    """The link emulator delivers nothing for 5 s mid-run (TCP stays up, bytes wait): requests past
-    their deadline are computed locally, late answers are dropped, and the cloud is used again after."""
+def run_through_cut(bundle: Path, cut_s: float, n: int, rate_hz: float | None = None, **config):
+    """Run `n` synthetic inputs through a real cloud behind a link cut for `cut_s` seconds from 2 s
+    on; returns the agent and the results with their completion times (s since the run began)."""
     from bench.load_bench import ServerProcess
 
-    bundle = toy_bundle
     srv = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0"])
-    trace = parse_trace(cut_trace(up_s=2.0, cut_s=5.0, period_s=60.0), name="cut")
+    trace = parse_trace(cut_trace(up_s=2.0, cut_s=cut_s, period_s=60.0), name="cut")
     emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", srv.port), trace, "const:50").start()
     try:
-        from protos.bundle import load_bundle
-
-        cut = next(c.id for c in load_bundle(bundle).cuts.values() if c.kind == "interior")
-        agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, deadline_ms=500, bits=32,
-                                          cut=cut))
+        agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, **config))
         t0 = time.perf_counter()
         results, when = [], []
         with agent:
-            for r in agent.run(open_source("synthetic:400", agent.inputs), rate_hz=40):
+            for r in agent.run(open_source(f"synthetic:{n}", agent.inputs), rate_hz=rate_hz):
                 results.append(r)
                 when.append(time.perf_counter() - t0)
-        assert [r.id for r in results] == list(range(400))  # every input, once, in order
-        during = [r.where for r, t in zip(results, when) if 3.0 < t < 6.5]
-        after = [r.where for r, t in zip(results, when) if t > 8.5]
-        assert during and all(w == "edge" for w in during)  # the cut: computed on the device
-        assert after and after.count("cloud") > 0.8 * len(after)  # the link is back: collaboration
-        assert agent.stats["late"] > 0 or agent.stats["fallback"] > 0
+        return agent, results, when
     finally:
         emu.stop()
         srv.proc.kill()
         srv.proc.wait()
+
+
+def test_link_cut_for_5_seconds(toy_bundle):
+    """The link emulator delivers nothing for 5 s mid-run (TCP stays up, bytes wait): requests past
+    their deadline are computed locally, late answers are dropped, and the cloud is used again after."""
+    from protos.bundle import load_bundle
+
+    cut = next(c.id for c in load_bundle(toy_bundle).cuts.values() if c.kind == "interior")
+    agent, results, when = run_through_cut(toy_bundle, 5.0, 400, rate_hz=40, deadline_ms=500, bits=32, cut=cut)
+    assert [r.id for r in results] == list(range(400))  # every input, once, in order
+    during = [r.where for r, t in zip(results, when) if 3.0 < t < 6.5]
+    after = [r.where for r, t in zip(results, when) if t > 8.5]
+    assert during and all(w == "edge" for w in during)  # the cut: computed on the device
+    assert after and after.count("cloud") > 0.8 * len(after)  # the link is back: collaboration
+    assert agent.stats["late"] > 0 or agent.stats["fallback"] > 0
 
 
 def test_no_pickle_anywhere():
@@ -79,7 +84,6 @@ def test_adaptive_agent_goes_edge_only_in_an_outage_and_comes_back(tmp_path, coa
     overdue by the stall time (5 round trips, at least 150 ms: far under the 5 s deadline) is
     computed locally, what comes next runs edge-only instead of piling into the dead link, and probes
     find the link again when it is back."""
-    from bench.load_bench import ServerProcess
     from bench.pipeline_models import squeeze_chain
 
     model = squeeze_chain(tmp_path / "sq.onnx", width=16, size=24, head_depth=2, tail_depth=8)
@@ -87,29 +91,14 @@ def test_adaptive_agent_goes_edge_only_in_an_outage_and_comes_back(tmp_path, coa
     r = coach("plan", str(model), "--out", str(bundle), "--bits", "32,8", "--bandwidth", "2,50", "--runs", "3",
               "--edge-slowdown", "3")
     assert r.returncode == 0, r.stderr
-    srv = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0"])
-    trace = parse_trace(cut_trace(up_s=2.0, cut_s=3.0, period_s=60.0), name="cut")
-    emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", srv.port), trace, "const:50").start()
-    try:
-        agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, deadline_ms=5000,
-                                          edge_slowdown=50))
-        t0 = time.perf_counter()
-        results, when = [], []
-        with agent:
-            for r in agent.run(open_source("synthetic:900", agent.inputs)):
-                results.append(r)
-                when.append(time.perf_counter() - t0)
-        assert [r.id for r in results] == list(range(900))
-        before = [r.where for r, t in zip(results, when) if t < 1.8]
-        assert "cloud" in before
-        during = [r for r, t in zip(results, when) if 2.8 < t < 4.8]
-        assert during and all(r.where == "edge" for r in during)
-        assert sum(r.cut == "edge-only" for r in during) > 0.8 * len(during)  # chosen, not fallen back to
-        assert max(r.timing["total_ms"] for r in during) < 2500  # the stall time, not the deadline
-        after = [r.where for r, t in zip(results, when) if t > 5.5]
-        assert after and after.count("cloud") > 0.8 * len(after)
-        assert agent.stats["probe_bytes"] > 0
-    finally:
-        emu.stop()
-        srv.proc.kill()
-        srv.proc.wait()
+    agent, results, when = run_through_cut(bundle, 3.0, 900, deadline_ms=5000, edge_slowdown=50)
+    assert [r.id for r in results] == list(range(900))
+    before = [r.where for r, t in zip(results, when) if t < 1.8]
+    assert "cloud" in before
+    during = [r for r, t in zip(results, when) if 2.8 < t < 4.8]
+    assert during and all(r.where == "edge" for r in during)
+    assert sum(r.cut == "edge-only" for r in during) > 0.8 * len(during)  # chosen, not fallen back to
+    assert max(r.timing["total_ms"] for r in during) < 2500  # the stall time, not the deadline
+    after = [r.where for r, t in zip(results, when) if t > 5.5]
+    assert after and after.count("cloud") > 0.8 * len(after)
+    assert agent.stats["probe_bytes"] > 0
