@@ -82,6 +82,18 @@ def cache_version() -> str:
     return f"{PREPROCESS_VERSION} simulator {SIM_VERSION} model {' '.join(MODEL_ARGS)} profile {' '.join(PROFILE_ARGS)}"
 
 
+def planned_before_this_cache(bundle: Path) -> bool:
+    """A cached bundle whose semantic cache pools another way than this coach writes (planned by an
+    older coach): planned again, the trained model and the data are kept."""
+    from protos.bundle import POOLING
+
+    try:
+        cache = json.loads((bundle / "plan.json").read_text()).get("cache") or {}
+    except (OSError, ValueError):
+        return True
+    return cache.get("pooling", POOLING) != POOLING
+
+
 def prepare(args) -> Path:
     c = args.cache_dir
     stamp, version = c / "preprocess_version", cache_version()
@@ -108,7 +120,7 @@ def prepare(args) -> Path:
     if not (c / "calib.npz").exists():
         calibration_npz(data, c / "calib.npz")
     bundle = c / "bundle"
-    if not (bundle / "plan.json").exists():
+    if not (bundle / "plan.json").exists() or planned_before_this_cache(bundle):
         step(f"profiling: edge on core 0 (then x{EDGE_SLOWDOWN:g} to stand for a Jetson), cloud on core 1")
         coach("profile", str(model / "model.onnx"), "--out", str(c / "edge.json"), "--device-name", "edge", *PROFILE_ARGS,
               cores="0")

@@ -266,7 +266,7 @@ class Agent:
                 target_precision=spec.target_precision,
                 smoothing=0.5 if cfg.cache_context else 0.0,
                 reuse_similarity=0.995 if cfg.cache_context else None,
-                momentum=0.99 if cfg.cache_update else None, verify_fraction=cfg.cache_verify))
+                momentum=0.99 if cfg.cache_update else None, verify_fraction=cfg.cache_verify), grid=spec.grid)
         return caches
 
     def cache_telemetry(self) -> dict:

@@ -1,6 +1,6 @@
 """Online half of the semantic cache: answer early from label semantic centers, or send fewer bits.
 
-Per input, the pooled cut feature (protos.semantic.pool) is compared with the class centers:
+Per input, the pooled cut feature (protos.semantic.pool, at the cut's grid) is compared with the class centers:
   margin >= hit threshold           -> "hit": answer from the cache, send nothing
   band threshold <= margin < hit    -> "band": send with the band's (lower) bits (below the
                                        calibrated hit threshold only)
@@ -68,7 +68,8 @@ class CacheDecision:
 
 
 class SemanticCache:
-    def __init__(self, centers: np.ndarray, valid: np.ndarray, config: CacheConfig):
+    def __init__(self, centers: np.ndarray, valid: np.ndarray, config: CacheConfig, grid: int = 1):
+        self.grid = grid  # protos.semantic.pool's grid, as the planner chose it for this cut
         self.centers = np.array(centers, np.float32)
         self.valid = np.array(valid, bool)
         self.config = config
@@ -93,7 +94,7 @@ class SemanticCache:
     # ------------------------------------------------------------ decisions
 
     def feature(self, tensors: list[np.ndarray]) -> np.ndarray:
-        return pool(tensors)[0]
+        return pool(tensors, self.grid)[0]
 
     def decide(self, feature: np.ndarray) -> CacheDecision:
         c = self.config

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target precision of cache answers against the full model's (default 0.99)")
     c.add_argument("--cache-held-out", default="0.5", metavar="F",
                    help="fraction of calibration samples held out to calibrate thresholds (default 0.5)")
+    c.add_argument("--cache-grids", default="1,2,4", metavar="G[,G...]",
+                   help="pooling grids to try per cut (1: global average; G: a GxG grid of averages), the one "
+                        "with the most hits at the target precision on the build split is kept (default 1,2,4)")
     c.add_argument("--no-cache", action="store_true", help="build no semantic cache")
     n = p.add_argument_group("network and objective")
     n.add_argument("--bandwidth", metavar="MBPS[,MBPS...]", help="bandwidth levels in Mbit/s")
@@ -224,6 +227,7 @@ class Options:
     cache: bool = True
     cache_precision: float = 0.99
     cache_held_out: float = 0.5
+    cache_grids: tuple[int, ...] = (1, 2, 4)
 
 
 def parse_options(args) -> Options:
@@ -247,6 +251,7 @@ def parse_options(args) -> Options:
     held_out = _number(args.cache_held_out, "--cache-held-out", positive=True)
     if held_out >= 1:
         raise UserError(f"--cache-held-out {args.cache_held_out!r}: a fraction in (0, 1), e.g. 0.5")
+    grids = parse_grids(args.cache_grids)
     return Options(
         path=path,
         out=Path(args.out) if args.out else Path(f"{name}.bundle"),
@@ -264,7 +269,19 @@ def parse_options(args) -> Options:
         cache=not args.no_cache,
         cache_precision=precision,
         cache_held_out=held_out,
+        cache_grids=grids,
     )
+
+
+def parse_grids(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): the pooling grids the semantic cache may use (UserError if not)."""
+    try:
+        grids = tuple(sorted({int(x) for x in str(text).split(",") if x.strip()}))
+    except ValueError:
+        grids = ()
+    if not grids or any(g < 1 or g > 16 for g in grids):
+        raise UserError(f"--cache-grids {text!r}: whole numbers from 1 to 16, e.g. 1,2,4")
+    return grids
 
 
 def run(args) -> int:
@@ -522,12 +539,13 @@ class _Planner:
 
     def cache_section(self, kept: dict, cut_docs: list[dict]) -> dict | None:
         """The semantic cache's offline half: for each interior cut, pooled cut features of the
-        calibration inputs (protos.semantic.pool, as the edge computes them), label centers from the
-        build split, thresholds on the held-out split (partitioner.semantic_cache). Puts centers.npz in
+        calibration inputs (protos.semantic.pool, as the edge computes them, at the grid that
+        choose_grid picks on the build split), label centers from the build split, thresholds on
+        the held-out split (partitioner.semantic_cache). Puts centers.npz in
         self.files and returns plan.json's `cache` section; None (reason in self.cache_status) when
         there is no cache to build."""
         from partitioner.bundle_writer import file_ref
-        from partitioner.semantic_cache import build_centers, calibrate, split_held_out
+        from partitioner.semantic_cache import build_centers, calibrate, choose_grid, split_held_out
         from protos.bundle import POOLING
         from protos.semantic import pool
 
@@ -562,10 +580,14 @@ class _Planner:
         entries: dict[str, dict] = {}
         for cut in interior:
             split, sent = meter.cut_tensors(cut)
-            feats = np.stack([pool([d[t.name] for t in split.tensors])[0] for d in sent])
-            if not np.isfinite(feats).all():
+            by_grid = {g: np.stack([pool([d[t.name] for t in split.tensors], g)[0] for d in sent])
+                       for g in opt.cache_grids}
+            if not all(np.isfinite(f).all() for f in by_grid.values()):
                 self.notes.append(f"semantic cache: cut {cut.id} skipped (non-finite cut features)")
                 continue
+            grid = choose_grid({g: f[build] for g, f in by_grid.items()}, ref[build],
+                               None if labels is None else labels[build], k, opt.cache_precision, opt.seed)
+            feats = by_grid[grid.grid]
             centers = build_centers(feats[build], ref[build], None if labels is None else labels[build], k)
             nb = normal[cut.id]
             normal_agree = meter.agreement(cut, nb)[held]
@@ -588,7 +610,8 @@ class _Planner:
                 "band_rate": th["band_rate"], "band_drop": th["band_drop"] if has_band else None,
                 "held_out": int(len(held)), "num_classes": int(k), "dim": int(feats.shape[1]),
                 "normal_bits": nb, "centers_from": int(centers.counts.sum()),
-                "classes_with_center": int(centers.valid.sum())}
+                "classes_with_center": int(centers.valid.sum()), "grid": grid.grid,
+                "grid_hit_rates": {str(g): round(r, 4) for g, r in grid.hit_rate.items()}}
             if task is not None:
                 self.prog.advance(task)
         if task is not None:

@@ -4,7 +4,8 @@ Pure functions. `build_centers` averages the pooled, normalised cut features of 
 the full model gets right. `calibrate` picks, on a held-out split, the hit threshold on the margin
 (top-1 minus top-2 cosine similarity) above which the cached answer agrees with the full model's
 answer at the target precision, and the band below it in which a lower bit width still keeps the
-accuracy budget.
+accuracy budget. `choose_grid` picks, per cut, how finely `protos.semantic.pool` keeps the cut
+tensor's layout.
 """
 
 from __future__ import annotations
@@ -114,6 +115,38 @@ def calibrate(features: np.ndarray, answers: np.ndarray, centers: Centers, targe
             band, bits, drop, band_rate = band_threshold(margin, hit, agree_at_bits, left, normal_agree)
     return CacheThresholds(hit=hit, band=band, band_bits=bits, precision=prec, hit_rate=rate, band_rate=band_rate,
                            band_drop=drop, target_precision=target_precision, held_out=len(answers))
+
+
+@dataclass(frozen=True)
+class GridChoice:
+    grid: int  # protos.semantic.pool's grid for this cut
+    hit_rate: dict[int, float]  # per candidate grid: the inner split's hit rate at the target precision
+
+
+def choose_grid(features: dict[int, np.ndarray], answers: np.ndarray, labels: np.ndarray | None, num_classes: int,
+                target_precision: float, seed: int = 0) -> GridChoice:
+    """The pooling grid whose features give the most cache hits at the target precision, judged on
+    the build split alone (the held-out split stays for the thresholds): centers from one half of
+    it, hits on the other, and the other way round; the mean of the two hit rates. Ties go to the
+    smaller grid (fewer dimensions: cheaper, and less to overfit)."""
+    n = len(answers)
+    a, b = split_held_out(n, 0.5, seed + 1)
+    rates = {}
+    for g in sorted(features):
+        f = features[g]
+        got = []
+        for fit, test in ((a, b), (b, a)):
+            if len(fit) == 0 or len(test) == 0:
+                continue
+            c = build_centers(f[fit], answers[fit], None if labels is None else labels[fit], num_classes)
+            if not c.valid.any():
+                got.append(0.0)
+                continue
+            cls, margin, _ = margins(f[test], c.centers, c.valid)
+            got.append(hit_threshold(margin, cls == answers[test], target_precision)[2])
+        rates[g] = float(np.mean(got)) if got else 0.0
+    best = max(rates, key=lambda g: (rates[g], -g))
+    return GridChoice(grid=best, hit_rate=rates)
 
 
 def split_held_out(n: int, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,9 @@ BITS = (32, 16, 8, 6, 4, 3, 2)
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int32", "int64", "bool")
 CUT_KINDS = ("edge-only", "cloud-only", "interior")
 SOURCES = ("head", "input")
-POOLING = "gap-l2/1"  # protos.semantic.pool, version 1: the only pooling this coach computes
+# protos.semantic.pool: version 1 is the global average; version 2 adds a per-cut `grid` (GxG cell averages)
+POOLING = "gap-l2/2"
+POOLINGS = ("gap-l2/1", POOLING)  # what this coach reads
 
 
 class BundleError(ValueError):
@@ -148,6 +150,7 @@ class CacheSpec:
     band_drop: float | None
     held_out: int
     pooling: str = POOLING
+    grid: int = 1  # protos.semantic.pool's grid (1: global average)
 
     @property
     def num_classes(self) -> int:
@@ -407,8 +410,8 @@ def _cache(r: _Reader, root: Path, cache: Any, cuts: dict[str, CutSpec]) -> dict
         raise r.fail("cache", "expected an object or null")
     rel, _ = _file_ref(r, root, {"cache": cache}, "cache", "", optional=False)
     pooling = r.get(cache, "pooling", "cache", str)
-    if pooling != POOLING:
-        raise r.fail("cache.pooling", f"'{pooling}' is not supported (this coach pools '{POOLING}'); "
+    if pooling not in POOLINGS:
+        raise r.fail("cache.pooling", f"'{pooling}' is not supported (this coach pools {' or '.join(POOLINGS)}); "
                                       "upgrade coach or re-run coach plan")
     target = r.number(cache, "target_precision", "cache")
     if not 0.0 < target <= 1.0:
@@ -442,6 +445,9 @@ def _cache(r: _Reader, root: Path, cache: Any, cuts: dict[str, CutSpec]) -> dict
         if band is not None and hit is not None and band > hit:
             raise r.fail(f"{w}.band", f"{band} is above the hit threshold {hit}")
         held_out = _count(r, e, "held_out", w)
+        grid = _count(r, e, "grid", w) if pooling != "gap-l2/1" and "grid" in e else 1
+        if grid > 16:
+            raise r.fail(f"{w}.grid", f"a pooling grid from 1 to 16, got {grid}")
         spec = {"centers": ((k, d), np.float32), "valid": ((k,), np.bool_)}
         got = {}
         for name, (shape, dtype) in spec.items():
@@ -461,7 +467,7 @@ def _cache(r: _Reader, root: Path, cache: Any, cuts: dict[str, CutSpec]) -> dict
             target_precision=target, precision=_fraction(r, e, "precision", w, optional=True),
             hit_rate=_fraction(r, e, "hit_rate", w), band_rate=_fraction(r, e, "band_rate", w),
             band_drop=r.number(e, "band_drop", w, optional=True, minimum=-100.0), held_out=held_out,
-            pooling=pooling)
+            pooling=pooling, grid=grid)
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 from coach_runtime.cli import main
 from partitioner.plan_cli import class_count
 from partitioner.semantic_cache import split_held_out
-from protos.bundle import BundleError, load_bundle
+from protos.bundle import POOLING, BundleError, load_bundle
 from protos.semantic import margins, normalize, pool
 from test_plan_cli import train_mlp, write_profile
 
@@ -65,7 +65,7 @@ def test_bundle_gets_centers_and_a_cache_section_that_round_trips(work):
     out = work / "b"
     b, doc = load_bundle(out), doc_of(out)
     cache = doc["cache"]
-    assert cache["file"] == "centers.npz" and cache["pooling"] == "gap-l2/1"
+    assert cache["file"] == "centers.npz" and cache["pooling"] == POOLING == "gap-l2/2"
     assert cache["sha256"] == hashlib.sha256((out / "centers.npz").read_bytes()).hexdigest()
     assert cache["target_precision"] == 0.99 and cache["labels"] is True
     cuts = interior(b)
@@ -87,6 +87,8 @@ def test_bundle_gets_centers_and_a_cache_section_that_round_trips(work):
         assert (norms[~spec.valid] == 0).all()
         assert (spec.hit, spec.band, spec.band_bits) == (e["hit"], e["band"], e["band_bits"])
         assert spec.held_out == e["held_out"] == 200
+        # the MLP's cut tensors are 2-D: every grid pools them alike, and the tie keeps the global average
+        assert spec.grid == e["grid"] == 1 and set(e["grid_hit_rates"]) == {"1", "2", "4"}
         with pytest.raises(ValueError):
             spec.centers[0, 0] = 1.0  # shared with every consumer: read-only
     for c in b.cuts.values():
@@ -119,7 +121,7 @@ def test_held_out_precision_meets_target_recomputed_from_the_bundle(work):
         feats = []
         for i in range(len(x)):
             outs = dict(zip([o.name for o in head.get_outputs()], run(head, {"x": x[i:i + 1]})))
-            feats.append(pool([outs[n] for n in names])[0])
+            feats.append(pool([outs[n] for n in names], spec.grid)[0])
         feats = np.stack(feats)
 
         # centers: normalised class means of the build samples the full model gets right
@@ -201,11 +203,22 @@ def test_no_cache_and_no_calibration_give_null(work, tmp_path, capsys):
 
 def test_bad_cache_flags_are_one_line_errors(work, tmp_path, capsys):
     for flag, value in (("--cache-precision", "1.5"), ("--cache-precision", "0"), ("--cache-precision", "x"),
-                        ("--cache-held-out", "1"), ("--cache-held-out", "-0.2")):
+                        ("--cache-held-out", "1"), ("--cache-held-out", "-0.2"), ("--cache-grids", "0"),
+                        ("--cache-grids", "2,x"), ("--cache-grids", "32")):
         assert plan(work, tmp_path / "x", "--calibration", str(work / "calib.npz"), flag, value) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0]
         assert not (tmp_path / "x").exists()
+
+
+def test_a_version_1_cache_loads_with_the_global_average(work, tmp_path):
+    """Bundles planned before the grid (pooling gap-l2/1, no grid field) keep their meaning."""
+    def older(d):
+        d["cache"]["pooling"] = "gap-l2/1"
+        for e in d["cache"]["cuts"].values():
+            e.pop("grid", None)
+    b = load_bundle(damaged(work, tmp_path, plan_edit=older, rehash=False))
+    assert all(s.grid == 1 and s.pooling == "gap-l2/1" for s in b.caches.values()) and b.caches
 
 
 def test_class_count_recognises_class_score_vectors():
@@ -283,6 +296,8 @@ def _entry(doc: dict) -> dict:
 @pytest.mark.parametrize("edit, fragments", [
     (lambda d: d["cache"].update(pooling="max/2"), ("cache.pooling", "max/2")),
     (lambda d: d["cache"].update(target_precision=1.5), ("cache.target_precision",)),
+    (lambda d: _entry(d).update(grid=0), ("grid", ">= 1")),
+    (lambda d: _entry(d).update(grid=17), ("grid", "1 to 16")),
     (lambda d: d["cache"].pop("cuts"), ("cache.cuts", "missing")),
     (lambda d: _entry(d).update(band_bits=5, band=0.0), ("band_bits", "5")),
     (lambda d: _entry(d).update(band_bits=None, band=0.01), ("band_bits", "both")),

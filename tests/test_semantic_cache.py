@@ -5,8 +5,8 @@ import threading
 import numpy as np
 
 from edge.semantic_cache import CacheConfig, SemanticCache
-from partitioner.semantic_cache import build_centers, calibrate, hit_threshold, split_held_out
-from protos.semantic import margins, normalize, pool
+from partitioner.semantic_cache import build_centers, calibrate, choose_grid, hit_threshold, split_held_out
+from protos.semantic import grid_means, margins, normalize, pool
 
 
 def clusters(n, k=5, d=16, spread=0.6, seed=0, shift=None, means_seed=None):
@@ -26,6 +26,53 @@ def test_pool_averages_spatial_axes_and_normalises():
     np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1, rtol=1e-6)
     expect = np.concatenate([t.mean(axis=(2, 3)), np.ones((2, 5))], axis=1)
     np.testing.assert_allclose(f, normalize(expect), rtol=1e-5)
+
+
+def test_pool_grid_averages_cells_channel_major():
+    t = np.random.default_rng(0).standard_normal((2, 3, 8, 6)).astype(np.float32)
+    g = grid_means(t, 2)
+    assert g.shape == (2, 3 * 4)
+    cells = [t[:, :, :4, :3], t[:, :, :4, 3:], t[:, :, 4:, :3], t[:, :, 4:, 3:]]
+    expect = np.stack([c.mean(axis=(2, 3)) for c in cells], axis=2).reshape(2, -1)
+    np.testing.assert_allclose(g, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool([t], 2), normalize(expect), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool([t], 1), pool([t]), rtol=0)  # grid 1 is the global average
+    assert pool([t], 16).shape == (2, 3 * 8 * 6)  # an axis shorter than the grid: one cell per element
+    assert pool([np.ones((2, 4, 10), np.float32)], 4).shape == (2, 16)  # (N, C, L): cells along L
+    assert pool([np.ones((2, 4, 5, 8, 8), np.float32)], 2).shape == (2, 16)  # the depth axis averaged whole
+    assert pool([np.ones((2, 5), np.float32)], 4).shape == (2, 5)  # a 2-D tensor is taken as is
+
+
+def blobs(n, size=8, channels=4, seed=0):
+    """Cut tensors whose class is *where* the activity is (a quadrant), not which channel: every
+    channel's global average is the same for every class, so only a grid tells the classes apart."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    t = 0.3 * rng.standard_normal((n, channels, size, size)).astype(np.float32) + 1.0
+    h = size // 2
+    for i, k in enumerate(y):
+        r, c = divmod(int(k), 2)
+        t[i, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 2.0
+    return t, y
+
+
+def test_choose_grid_keeps_the_layout_when_the_classes_live_in_it():
+    t, y = blobs(400)
+    feats = {g: pool([t], g) for g in (1, 2, 4)}
+    choice = choose_grid(feats, y, y, 4, 0.99)
+    assert choice.hit_rate[1] < 0.2 < 0.8 < choice.hit_rate[2]
+    assert choice.grid == 2  # grid 4 does as well here: the tie goes to the smaller grid
+    # where the layout carries nothing (identical features at every grid), the global average is kept
+    same = {g: feats[1] for g in (1, 2, 4)}
+    assert choose_grid(same, y, y, 4, 0.99).grid == 1
+
+
+def test_the_edge_pools_at_the_cut_grid():
+    t, y = blobs(40)
+    c = build_centers(pool([t], 2), y, y, 4)
+    cache = SemanticCache(c.centers, c.valid, CacheConfig(hit=0.0, band=0.0, band_bits=None), grid=2)
+    np.testing.assert_array_equal(cache.feature([t[3:4]]), pool([t[3:4]], 2)[0])
+    assert cache.decide(cache.feature([t[3:4]])).cls == y[3]
 
 
 def test_hit_threshold_meets_target_on_fresh_data():
