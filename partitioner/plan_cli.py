@@ -585,10 +585,11 @@ class _Planner:
             if not all(np.isfinite(f).all() for f in by_grid.values()):
                 self.notes.append(f"semantic cache: cut {cut.id} skipped (non-finite cut features)")
                 continue
-            grid = choose_grid({g: f[build] for g, f in by_grid.items()}, ref[build],
-                               None if labels is None else labels[build], k, opt.cache_precision, opt.seed)
+            build_labels = None if labels is None else labels[build]
+            grid = choose_grid({g: f[build] for g, f in by_grid.items()}, ref[build], build_labels, k,
+                               opt.cache_precision, opt.seed)
             feats = by_grid[grid.grid]
-            centers = build_centers(feats[build], ref[build], None if labels is None else labels[build], k)
+            centers = build_centers(feats[build], ref[build], build_labels, k)
             nb = normal[cut.id]
             normal_agree = meter.agreement(cut, nb)[held]
             lower = {b: meter.agreement(cut, b)[held] for b in self.bits if b < nb}

@@ -404,6 +404,17 @@ def _count(r: _Reader, obj: dict, key: str, where: str) -> int:
     return v
 
 
+def _pooled_dim(tensors: tuple[TensorSpec, ...], grid: int) -> int | None:
+    """How many features protos.semantic.pool makes of these cut tensors at `grid` (None: a symbolic
+    dimension, so only the edge's first input can tell)."""
+    from protos.semantic import pool
+
+    shapes = [(1,) + tuple(t.shape[1:]) for t in tensors]
+    if any(x <= 0 for shape in shapes for x in shape):
+        return None
+    return int(pool([np.zeros(shape, np.float32) for shape in shapes], grid).shape[1])
+
+
 def _cache(r: _Reader, root: Path, cache: Any, cuts: dict[str, CutSpec]) -> dict[str, CacheSpec]:
     """Validate plan.json's `cache` section and the centers file it names; the cache per cut."""
     if not isinstance(cache, dict):
@@ -448,6 +459,9 @@ def _cache(r: _Reader, root: Path, cache: Any, cuts: dict[str, CutSpec]) -> dict
         grid = _count(r, e, "grid", w) if pooling != "gap-l2/1" and "grid" in e else 1
         if grid > 16:
             raise r.fail(f"{w}.grid", f"a pooling grid from 1 to 16, got {grid}")
+        pooled = _pooled_dim(cuts[cid].tensors, grid)
+        if pooled is not None and pooled != d:
+            raise r.fail(f"{w}.dim", f"{d}, but the cut tensors pooled at grid {grid} give {pooled} features")
         spec = {"centers": ((k, d), np.float32), "valid": ((k,), np.bool_)}
         got = {}
         for name, (shape, dtype) in spec.items():

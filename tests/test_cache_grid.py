@@ -3,6 +3,9 @@ activity is (a quadrant of the image), a global average of the cut tensor says n
 planner must pick a grid that keeps the layout; the edge, pooling at the bundle's grid, answers
 from the cache as the full model would."""
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from coach_runtime.cli import main
 from edge.semantic_cache import CacheConfig, SemanticCache
-from protos.bundle import load_bundle
+from protos.bundle import BundleError, load_bundle
 from test_plan_cli import write_profile
 
 SIZE = 16
@@ -103,3 +106,18 @@ def test_the_global_average_alone_would_answer_nothing(bundle):
     for cid, e in bundle.raw["cache"]["cuts"].items():
         if len(bundle.cuts[cid].tensors[0].shape) == 4:
             assert e["grid_hit_rates"]["1"] < 0.1 < 0.5 < e["grid_hit_rates"][str(e["grid"])]
+
+
+def test_a_grid_that_does_not_match_the_centers_is_refused(bundle, tmp_path):
+    """A bundle whose grid was edited (or mixed up) would make the edge compare features of the wrong
+    length with the centers: refused on load, naming the field."""
+    bad = tmp_path / "b"
+    shutil.copytree(bundle.path, bad)
+    doc = json.loads((bad / "plan.json").read_text())
+    cid = next(c for c, e in doc["cache"]["cuts"].items() if e["grid"] > 1)
+    doc["cache"]["cuts"][cid]["grid"] = 1
+    (bad / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError) as info:
+        load_bundle(bad)
+    msg = str(info.value)
+    assert f"cache.cuts.{cid}.dim" in msg and "grid 1" in msg and "\n" not in msg
