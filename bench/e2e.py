@@ -214,6 +214,9 @@ def plots(runs: list[MethodRun], out: Path) -> list[str]:
         est = [(t, b) for t, b in zip(coach.done_at, coach.bw) if b is not None]
         if est:
             a1.plot(*zip(*est), ".", ms=3, label="edge estimate")
+        # the first estimates, from a handful of bytes, can read 100x the link: keep the trace readable
+        top = max(float(np.max(cap)) if len(cap) else 0.0, np.percentile([b for _, b in est], 95) if est else 0.0)
+        a1.set_ylim(0, 1.2 * max(top, 1.0))
         a1.set_ylabel("Mbit/s")
         a1.legend(fontsize=8)
         cuts = sorted({x.cut for x in coach.results})
@@ -222,7 +225,7 @@ def plots(runs: list[MethodRun], out: Path) -> list[str]:
         a2.set_ylabel("bits")
         a3 = a2.twinx()
         a3.plot(coach.done_at, [cuts.index(x.cut) for x in coach.results], "r.", ms=2, alpha=0.4)
-        a3.set_yticks(range(len(cuts)), [c[:14] for c in cuts], fontsize=6)
+        a3.set_yticks(range(len(cuts)), [c.replace("cut-", "") for c in cuts], fontsize=6)
         a2.set_xlabel("time (s)")
         a1.set_title(f"COACH on {name}: bandwidth, bits (blue) and cut (red) over time")
         f = out / f"coach_over_time_{name}.png"
