@@ -6,8 +6,8 @@ so that transmission never becomes the pipeline's slowest stage (no transmission
 even the lowest admissible b cannot keep up, switch to the cut the plan table gives for that
 bandwidth level (with the plan's bits, or higher ones if they fit). When the plan table's cut
 for the current bandwidth can keep up and differs from the current cut (the link recovered after
-a dip made us leave it), we return to it: the plan's cut is the one
-the planner found best at that bandwidth. The plan's levels are discrete, though: where another
+a dip made us leave it), we return to it: the plan's cut is the one the planner found best at
+that bandwidth. The plan's levels are discrete, though: where another
 of the plan's cuts (edge-only included) makes no bubble at the estimate with a period shorter by
 more than a margin, that cut is taken instead (`shortest_fitting`; the planner's own objective,
 minimum period, at the live estimate and stage times).
@@ -276,15 +276,15 @@ def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile],
     if margin is None:
         return d
     period = cuts[d.cut_id].period_ms(d.bits, mbps)
-    best: Decision | None = None
+    best: tuple[str, int] | None = None
     best_ms = period / (1 + margin)
     for c in cuts.values():
         bits = highest_fitting_bits(c, mbps)
         if bits is not None and c.target_ms < best_ms:
-            best, best_ms = Decision(c.cut_id, bits, ""), c.target_ms
+            best, best_ms = (c.cut_id, bits), c.target_ms
     if best is None:
         return d
-    return Decision(best.cut_id, best.bits, f"cut {best.cut_id} at {best.bits} bits: period {best_ms:.1f} ms "
+    return Decision(*best, f"cut {best[0]} at {best[1]} bits: period {best_ms:.1f} ms "
                     f"vs {period:.1f} ms for {d.cut_id} at {mbps:.2f} Mbit/s ({d.reason})")
 
 

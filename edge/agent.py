@@ -171,6 +171,7 @@ class Agent:
         self._last_sample = self._last_calibration = -1e9  # perf_counter: latest estimator sample, probe pair
         self._last_answer = -1e9  # perf_counter of the latest answer from the cloud
         self._rtts: collections.deque[float] = collections.deque(maxlen=32)  # ms, recent answers
+        self._rtt_median = self._rtt_min = None  # of _rtts, kept by _note_rtt (read on every decision)
         self._stalled = False  # an answer was overdue by the stall time, and none came since
 
     def _make_quantizer(self) -> AdaptiveQuantizer:
@@ -542,6 +543,11 @@ class Agent:
             self._release_room()
         return item
 
+    def _note_rtt(self, rtt_ms: float) -> None:
+        """One more round trip into the recent window, and its median and minimum. Lock held."""
+        self._rtts.append(rtt_ms)
+        self._rtt_median, self._rtt_min = float(np.median(self._rtts)), min(self._rtts)
+
     def _inflight_cap(self) -> int:
         """Requests in flight needed to keep the link and the cloud busy (Little's law: the recent
         median round trip over the current cut's period, plus one), at most `max_inflight`. More
@@ -549,9 +555,9 @@ class Agent:
         cfg = self.config
         d = self.quantizer.decision
         cut = self.quantizer.cuts.get(d.cut_id) if d is not None else None
-        if not self._rtts or cut is None or cut.target_ms <= 0:
+        if self._rtt_median is None or cut is None or cut.target_ms <= 0:
             return cfg.max_inflight
-        return max(1, min(cfg.max_inflight, math.ceil(float(np.median(self._rtts)) / cut.target_ms) + 1))
+        return max(1, min(cfg.max_inflight, math.ceil(self._rtt_median / cut.target_ms) + 1))
 
     def _wait_for_room(self, cap: bool = True) -> None:
         """Take an in-flight slot, waiting for one under the cap (`cap` False: at once, beyond it)."""
@@ -582,7 +588,7 @@ class Agent:
         rtt_ms = (t_recv - item.t_sent) * 1e3
         wire_ms = max(rtt_ms - server_ms, 0.0)
         with self._lock:
-            self._rtts.append(rtt_ms)
+            self._note_rtt(rtt_ms)
         if self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns,
                                              nbytes=st.bytes_received)) is not None:
             self._last_sample = t_recv
@@ -617,9 +623,9 @@ class Agent:
         recent answers, at least `stall_ms`; with no answers yet (or rtt_factor 0), the fixed deadline.
         Called with the lock held."""
         cfg = self.config
-        if not self._rtts or cfg.deadline_rtt_factor <= 0:
+        if self._rtt_median is None or cfg.deadline_rtt_factor <= 0:
             return cfg.deadline_ms
-        return max(cfg.stall_ms, cfg.deadline_rtt_factor * float(np.median(self._rtts)))
+        return max(cfg.stall_ms, cfg.deadline_rtt_factor * self._rtt_median)
 
     def _watchdog(self, stop: threading.Event) -> None:
         """Requests unanswered past the deadline are computed locally (a late answer is dropped). The
@@ -682,7 +688,7 @@ class Agent:
         # trip. And the bound is evidence only well past the transfer the estimate expects (4x, and 50 ms
         # more): for a message of a few hundred bytes a scheduling hiccup would otherwise "bound" the
         # link to a few kbit/s.
-        base_ms = min(self._rtts) if self._rtts else (cut.cloud_ms if cut else 0.0)
+        base_ms = self._rtt_min if self._rtt_min is not None else (cut.cloud_ms if cut else 0.0)
         if est > 0 and waited_ms < base_ms + 4 * oldest.nbytes * 8 / (est * 1e3) + 50.0:
             return est
         bound = stall_bound_mbps(oldest.nbytes, waited_ms, base_ms)

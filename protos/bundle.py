@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from protos.semantic import pool
+
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 BITS = (32, 16, 8, 6, 4, 3, 2)
@@ -407,8 +409,6 @@ def _count(r: _Reader, obj: dict, key: str, where: str) -> int:
 def _pooled_dim(tensors: tuple[TensorSpec, ...], grid: int) -> int | None:
     """How many features protos.semantic.pool makes of these cut tensors at `grid` (None: a symbolic
     dimension, so only the edge's first input can tell)."""
-    from protos.semantic import pool
-
     shapes = [(1,) + tuple(t.shape[1:]) for t in tensors]
     if any(x <= 0 for shape in shapes for x in shape):
         return None
