@@ -636,6 +636,11 @@ class Agent:
             with self._lock:
                 limit_ms = min(self.config.deadline_ms, self._stall_ms())
                 late = [i for i, it in self._pending.items() if now - it.t_sent > limit_ms / 1e3]
+                if any(now - max(self._pending[i].t_sent, self._last_answer) > limit_ms / 1e3 for i in late):
+                    # Overdue with no answer since it left: an outage, as _bandwidth would call it. Said
+                    # here too: taking these out of _pending first would hide it from _bandwidth, and
+                    # the next requests would go on into the dead link, a batch every stall time.
+                    self._stalled = True
             for i in late:
                 item = self._take(i)
                 if item is not None:
