@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inputs without labels: score top-1 agreement with the fp32 full model instead")
     p.add_argument("--edge-slowdown", type=float, default=1.0,
                    help="stretch edge compute by this factor (use the one the bundle was planned with)")
+    p.add_argument("--bits-rule", choices=["least-drop", "highest"], default="least-drop",
+                   help="COACH's choice among the bit widths that keep up (as `coach edge run --bits-rule`)")
     p.add_argument("--out", type=Path, default=Path("bench/results/e2e"), help="report directory")
 
 
@@ -79,7 +81,7 @@ def with_reference_labels(samples, full_path: Path):
 
 def run_method(bundle, cloud_port: int, trace: str, method: str, source: str, n: int, seconds: float,
                down: str, delay_ms: float, edge_slowdown: float = 1.0, agreement: bool = False,
-               link_cores: set[int] | None = None) -> MethodRun:
+               link_cores: set[int] | None = None, bits_rule: str = "least-drop") -> MethodRun:
     """One method on one trace. The link emulator is a process of its own (`coach bench link`, on
     `link_cores`: the cloud's core), started afresh so that every method sees the same stretch of the
     trace; in the edge's process its packet timers would take the edge's core and lock."""
@@ -91,7 +93,7 @@ def run_method(bundle, cloud_port: int, trace: str, method: str, source: str, n:
     try:
         plan = "coach" if method.startswith("coach") else method
         cfg = AgentConfig(cloud=emu.address, plan=plan, cache=method == "coach", deadline_ms=20000,
-                          edge_slowdown=edge_slowdown)
+                          edge_slowdown=edge_slowdown, bits_rule=bits_rule)
         agent = Agent(bundle, cfg)
         samples = itertools.islice(open_source(source, agent.inputs), n)
         if agreement:  # labelled before the clock starts: the reference model's time is not the run's
@@ -238,7 +240,7 @@ def plots(runs: list[MethodRun], out: Path) -> list[str]:
 
 def evaluate(bundle: Path, traces: list[str], source: str, methods: list[str], n: int, seconds: float,
              down: str, delay_ms: float, out: Path, progress=None, edge_slowdown: float = 1.0,
-             agreement: bool = False) -> dict:
+             agreement: bool = False, bits_rule: str = "least-drop") -> dict:
     from bench.load_bench import ServerProcess
     from protos.bundle import load_bundle
 
@@ -259,7 +261,7 @@ def evaluate(bundle: Path, traces: list[str], source: str, methods: list[str], n
                 if progress:
                     progress(trace, method)
                 run = run_method(b, srv.port, trace, method, source, n, seconds, down, delay_ms, edge_slowdown,
-                                 agreement, link_cores={1} if two_cores else None)
+                                 agreement, link_cores={1} if two_cores else None, bits_rule=bits_rule)
                 runs.append(run)
                 rows.append(summarize(run))
     finally:
@@ -271,6 +273,7 @@ def evaluate(bundle: Path, traces: list[str], source: str, methods: list[str], n
     tmp.mkdir(parents=True, exist_ok=True)
     result = {"bundle": str(bundle), "model": b.model_name, "plan_sha256": b.plan_sha256, "source": source,
               "traces": traces, "methods": methods, "pinned_cores": two_cores, "edge_slowdown": edge_slowdown,
+              "bits_rule": bits_rule,
               "accuracy_is": "agreement with the fp32 model" if agreement else "against the source's labels", "rows": rows,
               "comparisons": comparisons(rows), "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"}
@@ -322,7 +325,7 @@ def run(args) -> int:
         print(f"  running {LABELS.get(method, method)} on {Path(trace).name} ...", flush=True)
 
     result = evaluate(args.bundle, args.traces, args.source, methods, args.inputs, args.seconds, args.down,
-                      args.delay_ms, args.out, progress, args.edge_slowdown, args.agreement)
+                      args.delay_ms, args.out, progress, args.edge_slowdown, args.agreement, args.bits_rule)
     print_table(result)
     print(f"report: {args.out}/table.md, results.json, {', '.join(result['plots'])}")
     return 0

@@ -2,7 +2,11 @@
 
 The rule (DESIGN.md, "Online runtime"): for the current cut pick the highest admissible bit width
 b with T_t(b) <= max(T_e, T_c) (T_e: the edge stage per input, the source's own work included),
-so that transmission never becomes the pipeline's slowest stage (no transmission bubble). When
+so that transmission never becomes the pipeline's slowest stage (no transmission bubble). Among
+the widths that fit, one refinement (`fitting_bits`, rule "least-drop", the default): where the plan
+measured the same least drop for fewer bits, the fewest of those bits are sent, since the higher
+ones buy no accuracy and cost transfer time (latency) on every request; rule "highest" is the
+literal rule. When
 even the lowest admissible b cannot keep up, switch to the cut the plan table gives for that
 bandwidth level (with the plan's bits, or higher ones if they fit). When the plan table's cut
 for the current bandwidth can keep up and differs from the current cut (the link recovered after
@@ -46,6 +50,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 
+BITS_RULES = ("least-drop", "highest")  # how fitting_bits picks among the widths that keep up
+
+
 @dataclass(frozen=True)
 class CutProfile:
     """What the runtime knows about one cut of the plan bundle."""
@@ -63,6 +70,9 @@ class CutProfile:
     # per-input edge work before any head, the same for every cut (reading and preprocessing the
     # source: GesFi's CSI-to-image): part of the edge stage, so part of T_e
     input_ms: float = 0.0
+    # which of the widths that keep up is sent (`fitting_bits`): "least-drop", the fewest bits among
+    # those with the least measured drop; "highest", the highest width (the rule as first written)
+    bits_rule: str = "least-drop"
 
     @property
     def target_ms(self) -> float:
@@ -86,6 +96,13 @@ class CutProfile:
     def drop(self, bits: int) -> float:
         """The plan's measured accuracy drop (points, >= 0) at `bits`; 0 where nothing was measured."""
         return max(0.0, self.drop_by_bits.get(bits, 0.0))
+
+    def drop_bound(self, bits: int) -> float | None:
+        """What the plan's measurements say of the drop at `bits`: the measured drop, else that of the
+        nearest measured width below it (fewer bits lose at least as much: the planner's own
+        bracketing of the widths it did not measure); None where no width at or below was measured."""
+        below = [b for b in self.drop_by_bits if b <= bits]
+        return self.drop(max(below)) if below else None
 
 
 @dataclass(frozen=True)
@@ -166,10 +183,20 @@ def need_mbps(cut: CutProfile, bits: int) -> float:
     return (cut.payload(bits) + cut.overhead_bytes) * 8 / (room_ms * 1e3)
 
 
-def highest_fitting_bits(cut: CutProfile, mbps: float) -> int | None:
-    """The highest admissible bits with T_t <= max(T_e, T_c), or None if none fits."""
+def fitting_bits(cut: CutProfile, mbps: float) -> int | None:
+    """The admissible width to send at `mbps`: of those with T_t <= max(T_e, T_c), the fewest bits
+    whose measured drop (`drop_bound`) is the least among them (rule "least-drop"), or the highest
+    (rule "highest", and wherever nothing was measured). The highest width is there for accuracy;
+    where the plan measured the same drop with fewer bits, the extra bits buy none and cost transfer
+    time on every request (latency, and slack lost when the link dips). None if none fits."""
     fitting = [b for b in cut.bytes_by_bits if cut.transmit_ms(b, mbps) <= cut.target_ms]
-    return max(fitting) if fitting else None
+    if not fitting:
+        return None
+    known = {b: d for b in fitting if (d := cut.drop_bound(b)) is not None}
+    if cut.bits_rule == "highest" or not known:
+        return max(fitting)
+    least = min(known.values())
+    return min(b for b, d in known.items() if d <= least)
 
 
 def overdrawn(cut: CutProfile, bits: int, bank: AccuracyBank | None) -> bool:
@@ -234,14 +261,14 @@ def decide(
     With `return_to_plan` off the current cut is kept while some of its bits fit, as before."""
     row = plan_row_for(plan, mbps)
     cut_id = current_cut if current_cut in cuts else row.cut_id
-    bits = highest_fitting_bits(cuts[cut_id], mbps)
+    bits = fitting_bits(cuts[cut_id], mbps)
     if bits is None:  # even the lowest admissible bits cannot keep up: the plan's answer
         return shortest_fitting(_when_behind(mbps, cut_id, row, cuts, bank), mbps, cuts, margin)
-    d = Decision(cut_id, bits, f"highest bits with no transmission bubble at {mbps:.2f} Mbit/s")
+    d = Decision(cut_id, bits, f"{bits} bits: no transmission bubble at {mbps:.2f} Mbit/s ({cuts[cut_id].bits_rule})")
     if not return_to_plan:
         return d
     if row.cut_id != cut_id:
-        plan_bits = highest_fitting_bits(cuts[row.cut_id], mbps)
+        plan_bits = fitting_bits(cuts[row.cut_id], mbps)
         if plan_bits is not None:
             d = Decision(row.cut_id, plan_bits, f"back to the plan cut for "
                          f"{row.bandwidth_mbps:g} Mbit/s; {plan_bits} bits fit at {mbps:.2f}")
@@ -254,7 +281,7 @@ def _when_behind(mbps: float, cut_id: str, row: PlanRow, cuts: dict[str, CutProf
     or its own), or a width below the admissible ones on the current cut if the bank pays for it
     and its period is shorter."""
     plan_cut = cuts[row.cut_id]
-    bits = highest_fitting_bits(plan_cut, mbps)
+    bits = fitting_bits(plan_cut, mbps)
     if bits is None:
         bits = row.bits if row.bits in plan_cut.bytes_by_bits else min(plan_cut.bytes_by_bits)
         why = "transmission-bound at any bits"
@@ -279,7 +306,7 @@ def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile],
     best: tuple[str, int] | None = None
     best_ms = period / (1 + margin)
     for c in cuts.values():
-        bits = highest_fitting_bits(c, mbps)
+        bits = fitting_bits(c, mbps)
         if bits is not None and c.target_ms < best_ms:
             best, best_ms = (c.cut_id, bits), c.target_ms
     if best is None:

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import AccuracyBank, AdaptConfig, AdaptiveQuantizer, CutProfile, Decision, drop_upper_bound
+from edge.adapt import BITS_RULES, AccuracyBank, AdaptConfig, AdaptiveQuantizer, CutProfile, Decision, drop_upper_bound
 from edge.adapt import PlanRow as AdaptRow
 from edge.bandwidth import BandwidthEstimator, Observation, stall_bound_mbps
 from edge.cloud_link import CloudLink, LinkConfig
@@ -53,6 +53,9 @@ class AgentConfig:
     stall_ms: float = 150.0  # an answer this overdue (and rtt_factor x the median round trip) is a stall
     plan: str = "coach"  # whose plan table to follow: "coach" or a baseline of the bundle ("neurosurgeon", ...)
     bits: int | None = None  # fixed bit width (no adaptation)
+    # which of the widths that keep up is sent (edge/adapt.fitting_bits): "least-drop" (the fewest bits
+    # with the least measured drop) or "highest" (the highest that keeps up)
+    bits_rule: str = "least-drop"
     cut: str | None = None  # fixed cut id (no cut switching)
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
     # Probes: when no answer gave the estimator a sample for this long (not calibrated yet, or too little
@@ -138,6 +141,8 @@ def _top1(logits: np.ndarray) -> tuple[int, float]:
 class Agent:
     def __init__(self, bundle: str | Path | Bundle, config: AgentConfig | None = None):
         self.config = config or AgentConfig()
+        if self.config.bits_rule not in BITS_RULES:
+            raise UserError(f"bits rule '{self.config.bits_rule}': use one of {', '.join(BITS_RULES)}")
         try:
             self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         except BundleError as exc:
@@ -197,7 +202,8 @@ class Agent:
             below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
                      and not q.admissible and q.bits in measured and q.bits < min(sizes)}
             measured.update({bits: drop_upper_bound(measured[bits], samples) for bits in below})
-            profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured))
+            profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured,
+                                       bits_rule=cfg.bits_rule))
         rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
         if row_bits is not None:
             profiles = [p for p in profiles if p.cut_id in row_bits or p.cut_id == cfg.cut]

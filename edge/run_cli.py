@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="switch the semantic cache off")
     p.add_argument("--bits", type=int, help="fixed bit width (disables adaptive quantization)")
     p.add_argument("--cut", help="fixed cut id (disables cut switching)")
+    p.add_argument("--bits-rule", choices=["least-drop", "highest"], default="least-drop",
+                   help="which of the bit widths that keep up with the link to send: least-drop (default), the "
+                        "fewest bits among those with the least accuracy drop the plan measured; highest, the "
+                        "highest width that keeps up")
     p.add_argument("--no-accuracy-bank", action="store_true",
                    help="never send below the plan's admissible bit widths (default: on dips, when the running "
                         "accuracy drop has room in the budget, narrower measured widths keep the link up)")
@@ -81,7 +85,8 @@ def run(args) -> int:
                       threads=args.threads, max_inflight=args.max_inflight, deadline_ms=args.deadline_ms,
                       deadline_rtt_factor=args.deadline_rtt_factor,
                       bits=args.bits, cut=args.cut, compress=args.compress, offline_ok=args.offline_ok, link=link,
-                      plan=args.plan, cache=not args.no_cache, bank=not args.no_accuracy_bank)
+                      plan=args.plan, cache=not args.no_cache, bank=not args.no_accuracy_bank,
+                      bits_rule=args.bits_rule)
     import signal
 
     def stop(*_):  # systemd stops with SIGTERM: finish like Ctrl-C (results written so far are kept)

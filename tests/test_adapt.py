@@ -23,7 +23,7 @@ from edge.adapt import (
     affords,
     decide,
     drop_upper_bound,
-    highest_fitting_bits,
+    fitting_bits,
     holds,
     need_mbps,
     next_decision,
@@ -59,8 +59,8 @@ def test_input_time_is_part_of_the_edge_stage():
     a = BY_ID["a"]
     slow = CutProfile("a", edge_ms=4.0, cloud_ms=10.0, bytes_by_bits=a.bytes_by_bits, input_ms=16.0)
     assert a.target_ms == 10.0 and slow.target_ms == 20.0
-    assert highest_fitting_bits(a, 7.0) == 4
-    assert highest_fitting_bits(slow, 7.0) == 8  # 16384 B in 18.7 ms <= 20 ms
+    assert fitting_bits(a, 7.0) == 4
+    assert fitting_bits(slow, 7.0) == 8  # 16384 B in 18.7 ms <= 20 ms
 
 
 def fits(d: Decision, mbps: float) -> bool:
@@ -71,18 +71,40 @@ def fits(d: Decision, mbps: float) -> bool:
 # ---------------------------------------------------------------- the rule
 
 
-def test_transmit_time_and_highest_fitting_bits():
+def test_transmit_time_and_fitting_bits():
     a = BY_ID["a"]
     assert a.target_ms == 10.0
     assert a.transmit_ms(8, 8.0) == pytest.approx(16384 * 8 / 8e3)
     with_overhead = CutProfile("x", 1, 1, {8: 1000}, overhead_bytes=500, overhead_ms=2.0)
     assert with_overhead.transmit_ms(8, 1.2) == pytest.approx(1500 * 8 / 1.2e3 + 2.0)
-    assert highest_fitting_bits(a, 30.0) == 16
-    assert highest_fitting_bits(a, 14.0) == 8
-    assert highest_fitting_bits(a, 7.0) == 4
-    assert highest_fitting_bits(a, 6.0) is None
+    assert fitting_bits(a, 30.0) == 16
+    assert fitting_bits(a, 14.0) == 8
+    assert fitting_bits(a, 7.0) == 4
+    assert fitting_bits(a, 6.0) is None
     assert plan_row_for(PLAN, 5.0) == PlanRow(4.7, "b", 32)
     assert plan_row_for(PLAN, -1.0) == PLAN[0]
+
+
+def test_fewest_bits_among_the_least_measured_drop():
+    """Rule "least-drop": of the widths that keep up, the fewest bits with the least measured drop;
+    a width the plan did not measure is bounded by the nearest measured width below it; with
+    nothing measured, or rule "highest", the highest width that keeps up."""
+    sizes = {32: 8192, 16: 4096, 8: 2048, 6: 1536, 4: 1024, 2: 512}
+    drops = {32: 0.0, 8: 0.0, 4: 0.0, 2: 0.25}  # as the GesFi demo bundle measured its stem cut
+    m = CutProfile("m", edge_ms=20.0, cloud_ms=5.0, bytes_by_bits=sizes, drop_by_bits=drops)
+    assert m.drop_bound(16) == 0.0 and m.drop_bound(6) == 0.0 and m.drop_bound(3) == 0.25
+    assert CutProfile("n", 1, 1, {8: 1}, drop_by_bits={8: 0.1}).drop_bound(4) is None
+    assert fitting_bits(m, 100.0) == 4  # 32 bits fit too, and lose nothing more measured
+    assert fitting_bits(m, 0.3) == 2  # only 2 bits keep up (512 B in 13.7 ms)
+    worse = CutProfile("w", 20.0, 5.0, sizes, drop_by_bits={32: 0.0, 16: 0.0, 8: 0.5, 4: 1.0})
+    assert fitting_bits(worse, 100.0) == 16  # 8 bits were measured to lose 0.5 points
+    assert fitting_bits(worse, 1.2) == 8  # 16 bits no longer keep up (27 ms > 20 ms)
+    literal = CutProfile("h", 20.0, 5.0, sizes, drop_by_bits=drops, bits_rule="highest")
+    assert fitting_bits(literal, 100.0) == 32 and fitting_bits(literal, 1.2) == 8
+    unmeasured = CutProfile("u", 20.0, 5.0, sizes)
+    assert fitting_bits(unmeasured, 100.0) == 32
+    d = decide(100.0, "m", {"m": m}, [PlanRow(0.0, "m", 2)])
+    assert (d.cut_id, d.bits) == ("m", 4) and "least-drop" in d.reason
 
 
 def test_decide_keeps_the_cut_while_some_bits_fit():
@@ -114,9 +136,9 @@ def test_rule_makes_no_bubble_when_it_can_and_is_monotone():
         needs = []
         for mbps in grid:
             d = decide(mbps, current, BY_ID, PLAN)
-            any_fit = any(highest_fitting_bits(c, mbps) is not None for c in CUTS)
+            any_fit = any(fitting_bits(c, mbps) is not None for c in CUTS)
             if any_fit and d.cut_id in (current, plan_row_for(PLAN, mbps).cut_id):
-                assert fits(d, mbps) or highest_fitting_bits(BY_ID[d.cut_id], mbps) is None
+                assert fits(d, mbps) or fitting_bits(BY_ID[d.cut_id], mbps) is None
             if decide(mbps, current, BY_ID, PLAN, return_to_plan=False).cut_id == current:
                 needs.append(need(decide(mbps, current, BY_ID, PLAN, False)))
         assert all(x <= y for x, y in zip(needs, needs[1:]))  # more bandwidth, never fewer bits

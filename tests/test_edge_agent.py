@@ -143,6 +143,16 @@ def test_negative_deadline_rtt_factor_is_one_line_exit_2(coach, bundle):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--deadline-rtt-factor" in r.stderr
 
 
+def test_bits_rule_reaches_every_adaptive_cut_and_a_bad_one_is_refused(bundle):
+    from coach_runtime.errors import UserError
+
+    for rule in ("least-drop", "highest"):
+        agent = Agent(bundle, AgentConfig(cloud="127.0.0.1:9", offline_ok=True, cache=False, bits_rule=rule))
+        assert {c.bits_rule for c in agent.quantizer.cuts.values()} == {rule}
+    with pytest.raises(UserError, match="bits rule 'fewest'"):
+        Agent(bundle, AgentConfig(cloud="127.0.0.1:9", offline_ok=True, bits_rule="fewest"))
+
+
 def test_offline_ok_computes_locally(bundle):
     agent = Agent(bundle, AgentConfig(cloud="127.0.0.1:9", offline_ok=True, cache=False))
     with agent:
