@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from coach_runtime.errors import UserError
+from edge.adapt import BITS_RULES
 
 METHODS = ("coach", "coach-no-cache", "neurosurgeon", "dads", "jalad", "edge-only", "cloud-only")
 LABELS = {"coach": "COACH", "coach-no-cache": "COACH w/o cache", "neurosurgeon": "Neurosurgeon", "dads": "DADS",
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inputs without labels: score top-1 agreement with the fp32 full model instead")
     p.add_argument("--edge-slowdown", type=float, default=1.0,
                    help="stretch edge compute by this factor (use the one the bundle was planned with)")
-    p.add_argument("--bits-rule", choices=["least-drop", "highest"], default="least-drop",
+    p.add_argument("--bits-rule", choices=BITS_RULES, default="least-drop",
                    help="COACH's choice among the bit widths that keep up (as `coach edge run --bits-rule`)")
     p.add_argument("--out", type=Path, default=Path("bench/results/e2e"), help="report directory")
 

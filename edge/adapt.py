@@ -264,7 +264,8 @@ def decide(
     bits = fitting_bits(cuts[cut_id], mbps)
     if bits is None:  # even the lowest admissible bits cannot keep up: the plan's answer
         return shortest_fitting(_when_behind(mbps, cut_id, row, cuts, bank), mbps, cuts, margin)
-    d = Decision(cut_id, bits, f"{bits} bits: no transmission bubble at {mbps:.2f} Mbit/s ({cuts[cut_id].bits_rule})")
+    d = Decision(cut_id, bits,
+                 f"{bits} bits: no transmission bubble at {mbps:.2f} Mbit/s ({cuts[cut_id].bits_rule})")
     if not return_to_plan:
         return d
     if row.cut_id != cut_id:

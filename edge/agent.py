@@ -26,7 +26,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import BITS_RULES, AccuracyBank, AdaptConfig, AdaptiveQuantizer, CutProfile, Decision, drop_upper_bound
+from edge.adapt import (BITS_RULES, AccuracyBank, AdaptConfig, AdaptiveQuantizer, CutProfile, Decision,
+                        drop_upper_bound)
 from edge.adapt import PlanRow as AdaptRow
 from edge.bandwidth import BandwidthEstimator, Observation, stall_bound_mbps
 from edge.cloud_link import CloudLink, LinkConfig

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from edge.adapt import BITS_RULES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, type=Path, help="plan bundle directory (from `coach plan`)")
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="switch the semantic cache off")
     p.add_argument("--bits", type=int, help="fixed bit width (disables adaptive quantization)")
     p.add_argument("--cut", help="fixed cut id (disables cut switching)")
-    p.add_argument("--bits-rule", choices=["least-drop", "highest"], default="least-drop",
+    p.add_argument("--bits-rule", choices=BITS_RULES, default="least-drop",
                    help="which of the bit widths that keep up with the link to send: least-drop (default), the "
                         "fewest bits among those with the least accuracy drop the plan measured; highest, the "
                         "highest width that keeps up")
