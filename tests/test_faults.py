@@ -98,10 +98,12 @@ def test_adaptive_agent_goes_edge_only_in_an_outage_and_comes_back(tmp_path, coa
     during = [r for r, t in zip(results, when) if 2.8 < t < 4.8]
     assert during and all(r.where == "edge" for r in during)
     assert sum(r.cut == "edge-only" for r in during) > 0.8 * len(during)  # chosen, not fallen back to
-    # Only what was in flight when the link died is stranded (at most the in-flight cap): the stall
-    # stops the sending, whichever of the watchdog and the bandwidth check sees it first.
+    # Only what was in flight when the link died is stranded (at most the in-flight cap, plus the two
+    # requests whose cut was chosen before: the one in the send queue and the one the sender holds):
+    # the stall stops the sending, whichever of the watchdog and the bandwidth check sees it first.
+    # (Before the watchdog said "stalled" too: 20-38 here, a batch every stall time.)
     stranded = [r for r, t in zip(results, when) if r.cut.endswith(">local") and 1.8 < t < 5.5]
-    assert len(stranded) <= agent.config.max_inflight, [r.id for r in stranded]
+    assert len(stranded) <= agent.config.max_inflight + 2, [r.id for r in stranded]
     assert max(r.timing["total_ms"] for r in during) < 2500  # the stall time, not the deadline
     after = [r.where for r, t in zip(results, when) if t > 5.5]
     assert after and after.count("cloud") > 0.8 * len(after)
