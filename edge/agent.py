@@ -634,6 +634,11 @@ class Agent:
             return cfg.deadline_ms
         return max(cfg.stall_ms, cfg.deadline_rtt_factor * self._rtt_median)
 
+    def _silent_ms(self, item: _Item, now: float) -> float:
+        """How long the link has said nothing to this request: since it left, or since the latest
+        answer if one came after (answers to others mean the link moves; a queue, not an outage)."""
+        return (now - max(item.t_sent, self._last_answer)) * 1e3
+
     def _watchdog(self, stop: threading.Event) -> None:
         """Requests unanswered past the deadline are computed locally (a late answer is dropped). The
         deadline is the configured one, or sooner the stall time (`_stall_ms`): in an outage the
@@ -643,8 +648,8 @@ class Agent:
             with self._lock:
                 limit_ms = min(self.config.deadline_ms, self._stall_ms())
                 late = [i for i, it in self._pending.items() if now - it.t_sent > limit_ms / 1e3]
-                if any(now - max(self._pending[i].t_sent, self._last_answer) > limit_ms / 1e3 for i in late):
-                    # Overdue with no answer since it left: an outage, as _bandwidth would call it. Said
+                if any(self._silent_ms(self._pending[i], now) > limit_ms for i in late):
+                    # Silent that long (no answer since it left): an outage, as _bandwidth calls it. Said
                     # here too: taking these out of _pending first would hide it from _bandwidth, and
                     # the next requests would go on into the dead link, a batch every stall time.
                     self._stalled = True
@@ -690,7 +695,7 @@ class Agent:
             return est
         oldest = self._pending[min(self._pending)]
         cut = self.quantizer.cuts.get(oldest.cut)
-        waited_ms = (time.perf_counter() - max(oldest.t_sent, self._last_answer)) * 1e3
+        waited_ms = self._silent_ms(oldest, time.perf_counter())
         if waited_ms > self._stall_ms():
             self._stalled = True  # (the deadline computes these locally)
             return 0.0  # a measured outage, until the next answer
