@@ -14,7 +14,10 @@ a dip made us leave it), we return to it: the plan's cut is the one the planner 
 that bandwidth. The plan's levels are discrete, though: where another
 of the plan's cuts (edge-only included) makes no bubble at the estimate with a period shorter by
 more than a margin, that cut is taken instead (`shortest_fitting`; the planner's own objective,
-minimum period, at the live estimate and stage times).
+minimum period, then minimum latency, at the live estimate and stage times). Periods within the
+margin of each other count as equal, and the expected latency decides among them, with the
+semantic cache's live hit rate in it: a cut whose cache answers 40% of the inputs saves those
+inputs the transfer and the tail, which the period (bound by the edge stage) does not show.
 
     T_t(b) = (payload_bytes(b) + overhead_bytes) * 8 / bandwidth + overhead_ms
 
@@ -29,7 +32,9 @@ next decision's need: noise smaller than the margin cannot flip it back and fort
 is followed at the first estimate that shows it. One exception to "up slowly": a cut with a
 shorter period whose need at its lowest bits is under the deflated estimate by `leave_factor` is
 taken at once (a slow cut costs throughput every period, and an estimate that far above the need
-is no threshold noise). Decisions are ordered by the bandwidth they need (`need_mbps`). With
+is no threshold noise). Another: a cut the rule prefers that needs no more bandwidth than the
+current decision is taken at once (no bubble can come of it; only fewer bits on the same cut wait
+in the dead band). Decisions are ordered by the bandwidth they need (`need_mbps`). With
 up_margin = 0 and up_hold = 1 the quantizer follows the memoryless rule.
 
 Banked accuracy (an extension of the rule; off when no `AccuracyBank` is given). The accuracy
@@ -73,6 +78,9 @@ class CutProfile:
     # which of the widths that keep up is sent (`fitting_bits`): "least-drop", the fewest bits among
     # those with the least measured drop; "highest", the highest width (the rule as first written)
     bits_rule: str = "least-drop"
+    # share of the inputs at this cut the semantic cache answers (no transfer, no cloud): the plan's
+    # held-out figure at first, then the live one; 0 without a cache
+    hit_rate: float = 0.0
 
     @property
     def target_ms(self) -> float:
@@ -92,6 +100,13 @@ class CutProfile:
     def period_ms(self, bits: int, mbps: float) -> float:
         """The pipeline period of this cut at `bits`: max(T_e, T_t, T_c)."""
         return max(self.target_ms, self.transmit_ms(bits, mbps))
+
+    def latency_ms(self, bits: int, mbps: float) -> float:
+        """The expected latency of an input at `bits` (DESIGN's L = T_e + T_t + T_c, with the cache):
+        the edge stage for every input; transfer and tail only for those the cache does not answer."""
+        if not any(self.bytes_by_bits.values()):  # edge-only: nothing crosses the link
+            return self.input_ms + self.edge_ms
+        return self.input_ms + self.edge_ms + (1 - self.hit_rate) * (self.transmit_ms(bits, mbps) + self.cloud_ms)
 
     def drop(self, bits: int) -> float:
         """The plan's measured accuracy drop (points, >= 0) at `bits`; 0 where nothing was measured."""
@@ -257,7 +272,8 @@ def decide(
     cut may be slower than another of the plan's cuts at the estimate (a deep cut planned for an
     outage, kept while the link is back at 20 times that). So the rule's answer is replaced by the
     cut with the shortest period among those that make no transmission bubble (edge-only
-    included), when that period is shorter by more than `margin` (`shortest_fitting`; None: never).
+    included; near ties by the expected latency), when that period is shorter by more than
+    `margin` (`shortest_fitting`; None: never).
     With `return_to_plan` off the current cut is kept while some of its bits fit, as before."""
     row = plan_row_for(plan, mbps)
     cut_id = current_cut if current_cut in cuts else row.cut_id
@@ -299,21 +315,25 @@ def _when_behind(mbps: float, cut_id: str, row: PlanRow, cuts: dict[str, CutProf
 
 def shortest_fitting(d: Decision, mbps: float, cuts: dict[str, CutProfile],
                      margin: float | None = 0.1) -> Decision:
-    """`d`, or the cut whose period at `mbps` is the shortest among those that make no transmission
-    bubble at some admissible bits, if that period is shorter than d's by more than `margin` (None: d)."""
+    """`d`, or a cut that makes no transmission bubble at `mbps` at some admissible bits and whose
+    period is shorter than d's by more than `margin` (None: d). Of those, the planner's objective:
+    minimise P, then L. Periods within `margin` of the shortest count as equal (the stage times
+    are measured, and noisy by more than a few percent), and of these the one with the least
+    expected latency (`CutProfile.latency_ms`: the semantic cache's hits in it) is taken."""
     if margin is None:
         return d
     period = cuts[d.cut_id].period_ms(d.bits, mbps)
-    best: tuple[str, int] | None = None
-    best_ms = period / (1 + margin)
-    for c in cuts.values():
-        bits = fitting_bits(c, mbps)
-        if bits is not None and c.target_ms < best_ms:
-            best, best_ms = (c.cut_id, bits), c.target_ms
-    if best is None:
+    fitting = {c.cut_id: bits for c in cuts.values() if (bits := fitting_bits(c, mbps)) is not None
+               and c.target_ms < period / (1 + margin)}
+    if not fitting:
         return d
-    return Decision(*best, f"cut {best[0]} at {best[1]} bits: period {best_ms:.1f} ms "
-                    f"vs {period:.1f} ms for {d.cut_id} at {mbps:.2f} Mbit/s ({d.reason})")
+    shortest = min(cuts[cid].target_ms for cid in fitting)
+    ties = [cid for cid in fitting if cuts[cid].target_ms <= shortest * (1 + margin)]
+    best = min(ties, key=lambda cid: (cuts[cid].latency_ms(fitting[cid], mbps), cuts[cid].target_ms))
+    c, bits = cuts[best], fitting[best]
+    return Decision(best, bits, f"cut {best} at {bits} bits: period {c.target_ms:.1f} ms, latency "
+                    f"{c.latency_ms(bits, mbps):.1f} ms vs period {period:.1f} ms for {d.cut_id} at "
+                    f"{mbps:.2f} Mbit/s ({d.reason})")
 
 
 def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: list[PlanRow],
@@ -349,8 +369,12 @@ def next_decision(
     deflated = mbps / (1 + config.up_margin)
     wanted = decide(deflated, current.cut_id, cuts, plan, config.return_to_plan, bank, config.period_margin)
     need = lambda d: need_mbps(cuts[d.cut_id], d.bits)  # noqa: E731
-    if wanted == current or need(wanted) <= need(current):
-        return current, 0  # in the dead band
+    if wanted == current:
+        return current, 0
+    if need(wanted) <= need(current):
+        if wanted.cut_id != current.cut_id:
+            return wanted, 0  # a cut the rule prefers (period, then latency) that needs no more: at once
+        return current, 0  # fewer bits on the same cut, while the current ones fit: the dead band
     least = need_mbps(cuts[wanted.cut_id], min(cuts[wanted.cut_id].bytes_by_bits))
     if (cuts[wanted.cut_id].target_ms < cuts[current.cut_id].target_ms / (1 + config.up_margin)
             and least * config.leave_factor <= deflated):

@@ -156,11 +156,11 @@ class Agent:
                       for cid, c in b.cuts.items() if c.kind == "interior"}
         self.full = load_session(b.full_path, self.providers, self.config.threads)
         self.estimator = BandwidthEstimator()
+        self.caches = self._make_caches() if self.config.cache else {}
         self.quantizer = self._make_quantizer()
         # whether the bandwidth estimate can change anything (edge-only or cloud-only alone: no probes)
         self._adapts = (len(self.quantizer.cuts) > 1
                         or any(len(c.bytes_by_bits) + len(c.below_bytes) > 1 for c in self.quantizer.cuts.values()))
-        self.caches = self._make_caches() if self.config.cache else {}
         self.link: CloudLink | None = None
         # bytes: requests answered by the cloud; verify_bytes: cache hits also sent to check them
         # probe_bytes: copies sent to measure the link
@@ -203,8 +203,10 @@ class Agent:
             below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
                      and not q.admissible and q.bits in measured and q.bits < min(sizes)}
             measured.update({bits: drop_upper_bound(measured[bits], samples) for bits in below})
+            # the cache's hit rate on the plan's held-out inputs, until the live one replaces it (_observe_hit)
+            hit_rate = b.cache_for(cid).hit_rate if cid in self.caches else 0.0
             profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured,
-                                       bits_rule=cfg.bits_rule))
+                                       bits_rule=cfg.bits_rule, hit_rate=hit_rate))
         rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
         if row_bits is not None:
             profiles = [p for p in profiles if p.cut_id in row_bits or p.cut_id == cfg.cut]
@@ -236,7 +238,8 @@ class Agent:
         return max(0.0, b.accuracy_budget - worst)
 
     def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None) -> None:
-        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality."""
+        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality.
+        Called with the lock held (the compute, receive and local threads all measure)."""
         p = self.quantizer.cuts.get(cut_id)
         if p is None:
             return
@@ -246,6 +249,15 @@ class Agent:
         if cloud_ms is not None:
             p = dataclasses.replace(p, cloud_ms=(1 - a) * p.cloud_ms + a * cloud_ms)
         self.quantizer.cuts[cut_id] = p
+
+    def _observe_hit(self, cut_id: str, hit: bool) -> None:
+        """One cache lookup at this cut: the live hit rate (EMA over ~20 lookups) replaces the plan's,
+        so that the choice among cuts of equal period counts the hits the stream really gives."""
+        a = 0.05
+        with self._lock:
+            p = self.quantizer.cuts.get(cut_id)
+            if p is not None:
+                self.quantizer.cuts[cut_id] = dataclasses.replace(p, hit_rate=(1 - a) * p.hit_rate + a * hit)
 
     def _observe_input(self, ms: float, first: bool = False) -> None:
         """Time between inputs spent in the source (reading and preprocessing, or waiting for the next
@@ -432,11 +444,13 @@ class Agent:
         if names:
             item.tensors.update(zip(names, self.heads[cut.id].run(names, item.sample.inputs)))
         item.head_ms = self._stretch(t0)
-        self._observe(cut.id, edge_ms=item.head_ms)
+        with self._lock:
+            self._observe(cut.id, edge_ms=item.head_ms)
         cache = self.caches.get(cut.id)
         if cache is not None:
             item.feature = cache.feature([item.tensors[t.name] for t in cut.tensors])
             item.cache = cache.decide(item.feature)
+            self._observe_hit(cut.id, item.cache.outcome == "hit")
             if item.cache.outcome == "hit":
                 self._answer_from_cache(item, cache)
                 if not item.cache.verify:
@@ -599,7 +613,8 @@ class Agent:
         if self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns,
                                              nbytes=st.bytes_received)) is not None:
             self._last_sample = t_recv
-        self._observe(item.cut, cloud_ms=st.decode_ms + st.compute_ms)  # service time: a queue is not T_c
+        with self._lock:
+            self._observe(item.cut, cloud_ms=st.decode_ms + st.compute_ms)  # service time: a queue is not T_c
         top = resp.topk[0] if resp.topk else pb.ClassScore(index=-1, score=0.0)
         if item.feature is not None:
             self.caches[item.cut].observe(item.feature, top.index, item.cache)

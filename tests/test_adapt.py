@@ -398,3 +398,53 @@ def test_a_much_shorter_period_is_taken_at_once():
     assert d.cut_id == "e" and ups == 1  # s fits, but not by the factor: the usual hold
     d, ups = next_decision(Decision("s", 2), 0, 20.0, LEVELS_BY_ID, LEVELS_PLAN, cfg)
     assert (d.cut_id, d.bits, ups) == ("s", 2, 1)  # more bits on the same cut: the usual hold
+
+
+# ---------------------------------------------------------------- near ties: minimise P, then L
+
+# The GesFi shape of the ATT run: cloud-only `r` (the input, no head) and the stem `s` (a 1.3 ms
+# head, a semantic cache) both bound by the 18 ms preprocessing; the plan's row at low bandwidth
+# is the deep cut `d`. The periods differ by 7%, under the 10% margin: a tie.
+TIES = [
+    CutProfile("d", edge_ms=58.0, cloud_ms=0.1, bytes_by_bits={32: 576, 2: 96}, input_ms=18.0),
+    CutProfile("s", edge_ms=1.3, cloud_ms=12.0, bytes_by_bits={32: 8256, 4: 1088, 2: 576}, input_ms=18.0,
+               drop_by_bits={4: 0.0, 2: 0.3}, hit_rate=0.4),
+    CutProfile("r", edge_ms=0.0, cloud_ms=14.0, bytes_by_bits={32: 12352, 3: 1216}, input_ms=18.0),
+    CutProfile("e", edge_ms=60.0, cloud_ms=0.0, bytes_by_bits={32: 0}, input_ms=18.0),
+]
+TIES_BY_ID = {c.cut_id: c for c in TIES}
+TIES_PLAN = [PlanRow(0.035, "d", 2), PlanRow(0.9, "s", 2)]
+
+
+def test_expected_latency_counts_the_cache_hits():
+    s, e = TIES_BY_ID["s"], TIES_BY_ID["e"]
+    t = s.transmit_ms(4, 0.7)
+    assert s.latency_ms(4, 0.7) == pytest.approx(18.0 + 1.3 + 0.6 * (t + 12.0))
+    from dataclasses import replace
+    assert replace(s, hit_rate=0.0).latency_ms(4, 0.7) == pytest.approx(18.0 + 1.3 + t + 12.0)
+    assert e.latency_ms(32, 0.0) == pytest.approx(78.0)  # edge-only: nothing crosses the link
+
+
+def test_a_near_tie_in_period_goes_to_the_lower_latency():
+    d = decide(0.7, "d", TIES_BY_ID, TIES_PLAN)
+    assert d.cut_id == "s" and "latency" in d.reason  # 19.3 ms vs 18 ms period: a tie; s is faster
+    from dataclasses import replace
+    # the stem's head 5 ms longer: 23 ms, past the margin of 18 ms; the shorter period wins, cache or not
+    slow = dict(TIES_BY_ID, s=replace(TIES_BY_ID["s"], edge_ms=5.0))
+    assert decide(0.7, "d", slow, TIES_PLAN).cut_id == "r"
+    # without the cache and with the input as small as the stem's tensor, the head's time decides
+    plain = dict(TIES_BY_ID, s=replace(TIES_BY_ID["s"], hit_rate=0.0),
+                 r=replace(TIES_BY_ID["r"], cloud_ms=12.0, bytes_by_bits={32: 12352, 3: 1088}))
+    assert decide(0.7, "d", plain, TIES_PLAN).cut_id == "r"
+
+
+def test_a_preferred_cut_that_needs_no_more_is_taken_at_once():
+    cfg = AdaptConfig()
+    # on cloud-only, which still fits: the stem is the rule's answer and needs less: no hold
+    d, ups = next_decision(Decision("r", 3), 0, 0.7, TIES_BY_ID, TIES_PLAN, cfg)
+    assert d.cut_id == "s" and ups == 0
+    d2, _ = next_decision(d, 0, 0.7, TIES_BY_ID, TIES_PLAN, cfg)
+    assert d2 == d  # and it stays there: no flapping back
+    # fewer bits on the same cut while the current ones fit: the dead band keeps them
+    assert decide(5.0 / 1.15, "s", TIES_BY_ID, TIES_PLAN).bits == 4  # what the rule asks for...
+    assert next_decision(Decision("s", 32), 0, 5.0, TIES_BY_ID, TIES_PLAN, cfg)[0] == Decision("s", 32)

@@ -372,3 +372,26 @@ def test_an_output_that_is_not_a_class_vector_gets_no_cache(work, tmp_path):
                  "--no-timing", "--calibration", str(work / "unlabelled.npz")]) == 0
     doc = doc_of(tmp_path / "g")
     assert doc["cache"] is None and "not a class-score vector" in doc["objective"]["semantic_cache"]
+
+
+def test_the_agent_starts_from_the_plans_hit_rate_and_follows_the_live_one(work):
+    """The cut choice counts the cache's hits (edge.adapt.CutProfile.latency_ms): the plan's held-out
+    hit rate until lookups at the cut replace it; no cache, no hits."""
+    from edge.agent import Agent, AgentConfig
+
+    b = load_bundle(work / "b")
+    with Agent(b, AgentConfig(cloud=None, cache=True)) as agent:
+        cached = [cid for cid in interior(b) if cid in agent.caches]
+        assert cached
+        for cid, p in agent.quantizer.cuts.items():
+            assert p.hit_rate == pytest.approx(b.cache_for(cid).hit_rate if cid in cached else 0.0)
+        cid = cached[0]
+        start = agent.quantizer.cuts[cid].hit_rate
+        for _ in range(40):
+            agent._observe_hit(cid, True)
+        assert agent.quantizer.cuts[cid].hit_rate > max(start, 0.8)
+        for _ in range(40):
+            agent._observe_hit(cid, False)
+        assert agent.quantizer.cuts[cid].hit_rate < 0.2
+    with Agent(b, AgentConfig(cloud=None, cache=False)) as agent:
+        assert all(p.hit_rate == 0.0 for p in agent.quantizer.cuts.values())
