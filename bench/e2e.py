@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import BITS_RULES
+from edge.adapt import BITS_RULES, DEFAULT_BITS_RULE
 
 METHODS = ("coach", "coach-no-cache", "neurosurgeon", "dads", "jalad", "edge-only", "cloud-only")
 LABELS = {"coach": "COACH", "coach-no-cache": "COACH w/o cache", "neurosurgeon": "Neurosurgeon", "dads": "DADS",
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inputs without labels: score top-1 agreement with the fp32 full model instead")
     p.add_argument("--edge-slowdown", type=float, default=1.0,
                    help="stretch edge compute by this factor (use the one the bundle was planned with)")
-    p.add_argument("--bits-rule", choices=BITS_RULES, default="least-drop",
+    p.add_argument("--bits-rule", choices=BITS_RULES, default=DEFAULT_BITS_RULE,
                    help="COACH's choice among the bit widths that keep up (as `coach edge run --bits-rule`)")
     p.add_argument("--out", type=Path, default=Path("bench/results/e2e"), help="report directory")
 
@@ -82,7 +82,7 @@ def with_reference_labels(samples, full_path: Path):
 
 def run_method(bundle, cloud_port: int, trace: str, method: str, source: str, n: int, seconds: float,
                down: str, delay_ms: float, edge_slowdown: float = 1.0, agreement: bool = False,
-               link_cores: set[int] | None = None, bits_rule: str = "least-drop") -> MethodRun:
+               link_cores: set[int] | None = None, bits_rule: str = DEFAULT_BITS_RULE) -> MethodRun:
     """One method on one trace. The link emulator is a process of its own (`coach bench link`, on
     `link_cores`: the cloud's core), started afresh so that every method sees the same stretch of the
     trace; in the edge's process its packet timers would take the edge's core and lock."""
@@ -241,7 +241,7 @@ def plots(runs: list[MethodRun], out: Path) -> list[str]:
 
 def evaluate(bundle: Path, traces: list[str], source: str, methods: list[str], n: int, seconds: float,
              down: str, delay_ms: float, out: Path, progress=None, edge_slowdown: float = 1.0,
-             agreement: bool = False, bits_rule: str = "least-drop") -> dict:
+             agreement: bool = False, bits_rule: str = DEFAULT_BITS_RULE) -> dict:
     from bench.load_bench import ServerProcess
     from protos.bundle import load_bundle
 

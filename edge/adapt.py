@@ -56,6 +56,7 @@ from dataclasses import dataclass, field, replace
 
 
 BITS_RULES = ("least-drop", "highest")  # how fitting_bits picks among the widths that keep up
+DEFAULT_BITS_RULE = BITS_RULES[0]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class CutProfile:
     input_ms: float = 0.0
     # which of the widths that keep up is sent (`fitting_bits`): "least-drop", the fewest bits among
     # those with the least measured drop; "highest", the highest width (the rule as first written)
-    bits_rule: str = "least-drop"
+    bits_rule: str = DEFAULT_BITS_RULE
     # share of the inputs at this cut the semantic cache answers (no transfer, no cloud): the plan's
     # held-out figure at first, then the live one; 0 without a cache
     hit_rate: float = 0.0

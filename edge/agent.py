@@ -26,8 +26,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from coach_runtime.errors import UserError
-from edge.adapt import (BITS_RULES, AccuracyBank, AdaptConfig, AdaptiveQuantizer, CutProfile, Decision,
-                        drop_upper_bound)
+from edge.adapt import (BITS_RULES, DEFAULT_BITS_RULE, AccuracyBank, AdaptConfig, AdaptiveQuantizer,
+                        CutProfile, Decision, drop_upper_bound)
 from edge.adapt import PlanRow as AdaptRow
 from edge.bandwidth import BandwidthEstimator, Observation, stall_bound_mbps
 from edge.cloud_link import CloudLink, LinkConfig
@@ -56,7 +56,7 @@ class AgentConfig:
     bits: int | None = None  # fixed bit width (no adaptation)
     # which of the widths that keep up is sent (edge/adapt.fitting_bits): "least-drop" (the fewest bits
     # with the least measured drop) or "highest" (the highest that keeps up)
-    bits_rule: str = "least-drop"
+    bits_rule: str = DEFAULT_BITS_RULE
     cut: str | None = None  # fixed cut id (no cut switching)
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
     # Probes: when no answer gave the estimator a sample for this long (not calibrated yet, or too little
@@ -203,7 +203,7 @@ class Agent:
             below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
                      and not q.admissible and q.bits in measured and q.bits < min(sizes)}
             measured.update({bits: drop_upper_bound(measured[bits], samples) for bits in below})
-            # the cache's hit rate on the plan's held-out inputs, until the live one replaces it (_observe_hit)
+            # the cache's hit rate on the plan's held-out inputs, until the live one replaces it (_observe)
             hit_rate = b.cache_for(cid).hit_rate if cid in self.caches else 0.0
             profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured,
                                        bits_rule=cfg.bits_rule, hit_rate=hit_rate))
@@ -237,9 +237,12 @@ class Agent:
                 worst = max(worst, hits + (spec.band_drop or 0.0))  # band_drop is None without a band
         return max(0.0, b.accuracy_budget - worst)
 
-    def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None) -> None:
-        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality.
-        Called with the lock held (the compute, receive and local threads all measure)."""
+    def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None,
+                 hit: bool | None = None) -> None:
+        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality; a
+        cache lookup (`hit`) moves the live hit rate (EMA over ~20 lookups), so that the choice among
+        cuts of equal period counts the hits the stream really gives. Called with the lock held (the
+        compute, receive and local threads all measure)."""
         p = self.quantizer.cuts.get(cut_id)
         if p is None:
             return
@@ -248,16 +251,9 @@ class Agent:
             p = dataclasses.replace(p, edge_ms=(1 - a) * p.edge_ms + a * edge_ms)
         if cloud_ms is not None:
             p = dataclasses.replace(p, cloud_ms=(1 - a) * p.cloud_ms + a * cloud_ms)
+        if hit is not None:
+            p = dataclasses.replace(p, hit_rate=0.95 * p.hit_rate + 0.05 * hit)
         self.quantizer.cuts[cut_id] = p
-
-    def _observe_hit(self, cut_id: str, hit: bool) -> None:
-        """One cache lookup at this cut: the live hit rate (EMA over ~20 lookups) replaces the plan's,
-        so that the choice among cuts of equal period counts the hits the stream really gives."""
-        a = 0.05
-        with self._lock:
-            p = self.quantizer.cuts.get(cut_id)
-            if p is not None:
-                self.quantizer.cuts[cut_id] = dataclasses.replace(p, hit_rate=(1 - a) * p.hit_rate + a * hit)
 
     def _observe_input(self, ms: float, first: bool = False) -> None:
         """Time between inputs spent in the source (reading and preprocessing, or waiting for the next
@@ -450,7 +446,8 @@ class Agent:
         if cache is not None:
             item.feature = cache.feature([item.tensors[t.name] for t in cut.tensors])
             item.cache = cache.decide(item.feature)
-            self._observe_hit(cut.id, item.cache.outcome == "hit")
+            with self._lock:
+                self._observe(cut.id, hit=item.cache.outcome == "hit")
             if item.cache.outcome == "hit":
                 self._answer_from_cache(item, cache)
                 if not item.cache.verify:

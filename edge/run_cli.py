@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from edge.adapt import BITS_RULES
+from edge.adapt import BITS_RULES, DEFAULT_BITS_RULE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="switch the semantic cache off")
     p.add_argument("--bits", type=int, help="fixed bit width (disables adaptive quantization)")
     p.add_argument("--cut", help="fixed cut id (disables cut switching)")
-    p.add_argument("--bits-rule", choices=BITS_RULES, default="least-drop",
+    p.add_argument("--bits-rule", choices=BITS_RULES, default=DEFAULT_BITS_RULE,
                    help="which of the bit widths that keep up with the link to send: least-drop (default), the "
                         "fewest bits among those with the least accuracy drop the plan measured; highest, the "
                         "highest width that keeps up")

@@ -388,10 +388,12 @@ def test_the_agent_starts_from_the_plans_hit_rate_and_follows_the_live_one(work)
         cid = cached[0]
         start = agent.quantizer.cuts[cid].hit_rate
         for _ in range(40):
-            agent._observe_hit(cid, True)
+            with agent._lock:
+                agent._observe(cid, hit=True)
         assert agent.quantizer.cuts[cid].hit_rate > max(start, 0.8)
         for _ in range(40):
-            agent._observe_hit(cid, False)
+            with agent._lock:
+                agent._observe(cid, hit=False)
         assert agent.quantizer.cuts[cid].hit_rate < 0.2
     with Agent(b, AgentConfig(cloud=None, cache=False)) as agent:
         assert all(p.hit_rate == 0.0 for p in agent.quantizer.cuts.values())
