@@ -74,6 +74,8 @@ class AgentConfig:
     cache_update: bool = True  # move the centers with the cloud's answers
     cache_band: bool = True  # fewer bits in the margin band
     cache_verify: float = 0.1  # share of cache hits still sent to the cloud to check them
+    # share of the plan's accuracy budget the cache's answers may spend (the rest: the quantizer's bank)
+    cache_budget_share: float = 0.5
     bank: bool = True  # on dips, widths below the admissible ones paid by the budget's slack (edge/adapt.py)
     bank_window: float = 200.0  # horizon (answers) of the running accuracy drop
 
@@ -226,16 +228,24 @@ class Agent:
         except (KeyError, TypeError, ValueError):
             return 100
 
-    def _bank_budget(self) -> float:
-        """The plan's accuracy budget less what the semantic cache plans to spend of it (its hits'
-        disagreement and its band's drop), when the cache is on."""
-        b, worst = self.bundle, 0.0
+    def _cache_budget(self) -> float:
+        """Points of the plan's accuracy budget the semantic cache may spend (its hits' disagreement with
+        the full model, and its band's drop): `cache_budget_share` of it, or what the plan's held-out
+        inputs say the cache spends if that is more; 0 with no cache that can answer."""
+        b, planned, any_hit = self.bundle, 0.0, False
         for cid in b.cuts if self.config.cache else ():
             spec = b.cache_for(cid)
             if spec is not None and spec.hit is not None:
+                any_hit = True
                 hits = 100.0 * spec.hit_rate * (1.0 - (spec.precision or 0.0))
-                worst = max(worst, hits + (spec.band_drop or 0.0))  # band_drop is None without a band
-        return max(0.0, b.accuracy_budget - worst)
+                planned = max(planned, hits + (spec.band_drop or 0.0))  # band_drop is None without a band
+        if not any_hit:
+            return 0.0
+        return min(b.accuracy_budget, max(planned, b.accuracy_budget * self.config.cache_budget_share))
+
+    def _bank_budget(self) -> float:
+        """The plan's accuracy budget less the semantic cache's part of it."""
+        return max(0.0, self.bundle.accuracy_budget - self._cache_budget())
 
     def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None,
                  hit: bool | None = None) -> None:
@@ -271,18 +281,22 @@ class Agent:
     def _make_caches(self) -> dict[str, SemanticCache]:
         caches = {}
         cfg = self.config
+        budget = self._cache_budget()  # what the hits may cost, less what the band's bits do
         for cid, cut in self.bundle.cuts.items():
             spec = self.bundle.cache_for(cid) if cut.kind == "interior" else None
             if spec is None or (spec.hit is None and spec.band is None):
                 continue
             band_bits = spec.band_bits if cfg.cache_band else None
+            band_drop = (spec.band_drop or 0.0) if band_bits is not None else 0.0
             caches[cid] = SemanticCache(spec.centers, spec.valid, CacheConfig(
                 hit=float("inf") if spec.hit is None else spec.hit,
                 band=float("inf") if spec.band is None else spec.band, band_bits=band_bits,
                 target_precision=spec.target_precision,
                 smoothing=0.5 if cfg.cache_context else 0.0,
                 reuse_similarity=0.995 if cfg.cache_context else None,
-                momentum=0.99 if cfg.cache_update else None, verify_fraction=cfg.cache_verify), grid=spec.grid)
+                momentum=0.99 if cfg.cache_update else None, verify_fraction=cfg.cache_verify,
+                drop_budget=max(0.0, budget - band_drop),
+                hit_rate=spec.hit_rate), grid=spec.grid)
         return caches
 
     def cache_telemetry(self) -> dict:

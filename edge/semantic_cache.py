@@ -21,6 +21,10 @@ step, right ones let it grow back to the configured one, at the same rates. Whil
 precision is below the target, hits are verified `verify_boost` times as often, so that the
 thresholds settle sooner after a drift. The verified precision reported is over the last `window`
 verified hits.
+Accuracy budget: with `drop_budget` (points of agreement with the full model, over all inputs looked
+up) the target is no lower than 1 - drop_budget / (100 * hit rate), the live hit rate (EMA over
+~100 lookups, from the plan's): a wrong hit costs the stream's accuracy in proportion to how many
+inputs are hits, so the more the cache answers, the more precise its answers must be.
 All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
 """
 
@@ -54,6 +58,8 @@ class CacheConfig:
     relax_step: float | None = None  # relative decrease on a right one (None: balanced at the target, see above)
     min_step: float = 1e-3  # smallest raise (a threshold of 0 still moves)
     max_hit: float = 2.0  # margins lie in [0, 2]
+    drop_budget: float | None = None  # points of accuracy the hits may cost the stream (None: no bound)
+    hit_rate: float = 0.0  # expected hit rate until the live one is measured (the plan's held-out rate)
     seed: int = 0
 
 
@@ -77,6 +83,7 @@ class SemanticCache:
         self._floor = config.hit  # relaxing never goes below the calibrated threshold
         self._lock = threading.Lock()
         self._rng = random.Random(config.seed)
+        self._rate = config.hit_rate  # live hit rate (EMA), for the target under a drop budget
         self._smoothed: np.ndarray | None = None
         self._last: tuple[np.ndarray, int] | None = None  # (feature, answer) of the previous input
         self._verified: deque[bool] = deque(maxlen=config.window)
@@ -112,7 +119,7 @@ class SemanticCache:
                 gap = 1.0 - float(prev @ feature)
                 if gap <= self.reuse_gap and answer == cls:
                     self._last = (feature, answer)
-                    self.counts["hit"] += 1
+                    self._count("hit")
                     self.counts["reused"] += 1
                     return CacheDecision("hit", answer, margin, verify=self._verify_draw(), reused=True,
                                          gap=gap)
@@ -124,19 +131,30 @@ class SemanticCache:
                 outcome = "band"
             else:
                 outcome = "full"
-            self.counts[outcome] += 1
+            self._count(outcome)
             if outcome == "hit":
                 self._last = (feature, cls)
                 return CacheDecision("hit", cls, margin, verify=self._verify_draw())
             self._last = None  # the answer comes later, from the cloud
             return CacheDecision(outcome, cls, margin)
 
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        self._rate = 0.99 * self._rate + 0.01 * (outcome == "hit")
+
+    def target(self) -> float:
+        """The precision hits must have: the configured one, or more where the drop budget says so."""
+        c = self.config
+        if c.drop_budget is None:
+            return c.target_precision
+        return min(1.0, max(c.target_precision, 1.0 - c.drop_budget / (100.0 * max(self._rate, 1e-3))))
+
     def _verify_draw(self) -> bool:
         """Verify a share of hits, a larger one while the verified precision is below the target
         (more evidence sooner, so the thresholds settle faster after a drift)."""
         c = self.config
         share = c.verify_fraction
-        if self._verified and sum(self._verified) < c.target_precision * len(self._verified):
+        if self._verified and sum(self._verified) < self.target() * len(self._verified):
             share = min(1.0, share * c.verify_boost)
         return self._rng.random() < share
 
@@ -167,7 +185,8 @@ class SemanticCache:
         c = self.config
         if c.relax_step is not None:
             return c.relax_step
-        return (1 + c.tighten_step) ** ((1 - c.target_precision) / c.target_precision) - 1
+        target = self.target()
+        return (1 + c.tighten_step) ** ((1 - target) / target) - 1
 
     def _adjust(self, ok: bool, margin: float) -> None:
         c = self.config
@@ -202,6 +221,7 @@ class SemanticCache:
             return {"hit_rate": self.counts["hit"] / seen if seen else 0.0,
                     "verified_precision": self.counts["verified_ok"] / v if v else None,
                     "hit_threshold": self.hit, "reuse_gap": self.reuse_gap, "bytes_saved": self.bytes_saved,
+                    "target_precision": self.target(),
                     **self.counts}
 
 

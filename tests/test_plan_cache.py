@@ -397,3 +397,26 @@ def test_the_agent_starts_from_the_plans_hit_rate_and_follows_the_live_one(work)
         assert agent.quantizer.cuts[cid].hit_rate < 0.2
     with Agent(b, AgentConfig(cloud=None, cache=False)) as agent:
         assert all(p.hit_rate == 0.0 for p in agent.quantizer.cuts.values())
+
+
+def test_the_cache_and_the_bank_share_the_accuracy_budget(work):
+    """The stream's accuracy budget pays for wrong cache hits and for narrow widths: the cache gets
+    `cache_budget_share` of it (or what the plan's held-out inputs say it spends, if more), the
+    quantizer's bank the rest; without a cache the bank has it all."""
+    from edge.agent import Agent, AgentConfig
+
+    b = load_bundle(work / "b")
+    budget = b.accuracy_budget
+    with Agent(b, AgentConfig(cloud=None, cache=True, cache_budget_share=0.4)) as agent:
+        assert agent.caches
+        planned = max(100.0 * b.cache_for(cid).hit_rate * (1.0 - (b.cache_for(cid).precision or 0.0))
+                      for cid in agent.caches)
+        share = max(planned, 0.4 * budget)
+        assert agent._cache_budget() == pytest.approx(share)
+        assert agent.quantizer.bank.budget == pytest.approx(budget - share)
+        for cid, cache in agent.caches.items():
+            band = (b.cache_for(cid).band_drop or 0.0) if cache.config.band_bits is not None else 0.0
+            assert cache.config.drop_budget == pytest.approx(max(0.0, share - band))
+            assert cache.config.hit_rate == pytest.approx(b.cache_for(cid).hit_rate)
+    with Agent(b, AgentConfig(cloud=None, cache=False)) as agent:
+        assert agent.quantizer.bank.budget == pytest.approx(budget)

@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import pytest
 
 from edge.semantic_cache import CacheConfig, SemanticCache
 from partitioner.semantic_cache import build_centers, calibrate, choose_grid, hit_threshold, split_held_out
@@ -144,6 +145,38 @@ def test_online_precision_tracking_tightens_under_drift():
     assert cache.hit > start  # tightened
     late = cache.history[-5:]
     assert all(t >= start for _, t, _ in late)
+
+
+def test_a_drop_budget_asks_more_precision_of_a_cache_that_answers_more():
+    """Wrong hits cost the stream's accuracy in proportion to the hit rate: with a budget of 0.25
+    points, hits must be 99.5% right at a 50% hit rate, 99.75% at 100%; never below the configured
+    target, and the threshold relaxes more slowly the stricter the target."""
+    x, y = clusters(2000, spread=0.8)
+    c = build_centers(x, y, y, 5)
+    th = calibrate(x, y, c, 0.99)
+
+    def cache(**kw):
+        return SemanticCache(c.centers, c.valid, CacheConfig(hit=th.hit, band=th.hit, band_bits=None,
+                                                             verify_fraction=1.0, momentum=None, **kw))
+
+    free, bounded = cache(), cache(drop_budget=0.25, hit_rate=0.5)
+    assert free.target() == pytest.approx(0.99)
+    assert bounded.target() == pytest.approx(0.995)
+    assert cache(drop_budget=5.0, hit_rate=0.5).target() == pytest.approx(0.99)  # the configured floor
+    assert cache(drop_budget=0.0, hit_rate=0.5).target() == 1.0
+    assert bounded._relax_step() < free._relax_step()
+    # the live hit rate replaces the plan's: a stream of sure hits asks for 1 - 0.0025
+    sure = normalize(c.centers[0] + 0.01 * c.centers[1])
+    for _ in range(600):
+        bounded.decide(sure)
+    assert bounded.telemetry()["target_precision"] == pytest.approx(0.9975, abs=2e-4)
+    # from the same raised threshold, right verified hits bring the bounded one down more slowly
+    for k in (free, bounded):
+        k.hit = 2 * th.hit
+        for _ in range(200):
+            d = k.decide(sure)
+            k.observe(sure, int(d.cls), d)
+    assert th.hit <= free.hit < bounded.hit
 
 
 def test_online_update_moves_centers_and_is_thread_safe():
