@@ -12,6 +12,8 @@ slots are busy, requests of a key collect into a batch; it runs when a slot free
 batch first), when it holds `max_batch` requests, or when `timeout_s` has passed since it opened
 (then it queues in the pool), whichever comes first. Keys whose tail cannot take a batch (a fixed
 batch dimension) run each request at once. Runs go to a thread pool, off the event loop.
+`run_now` is the lone request's short way: with a slot free and no batch waiting there is nothing to
+wait for, so the caller's whole job (decode and run) goes to the pool in one step.
 """
 
 from __future__ import annotations
@@ -74,6 +76,22 @@ class MicroBatcher:
             self._timers[key] = loop.call_later(self.timeout_s, self._flush, key)
         return await fut
 
+    def run_now(self, fn: Callable[..., Any], *args) -> asyncio.Future | None:
+        """Run fn(*args) in the pool in a slot of its own if a slot is free and no batch is waiting;
+        else None (submit, and wait for company or a slot)."""
+        if self._open or self._running >= self.slots:
+            return None
+        self._running += 1
+        job = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        job.add_done_callback(lambda _: self._release())
+        return job
+
+    def _release(self) -> None:
+        """A run ended: its slot goes to the oldest waiting batch."""
+        self._running -= 1
+        if self._open and self._running < self.slots:
+            self._flush(next(iter(self._open)))
+
     def waiting(self) -> int:
         """Requests in open batches (waiting for a free slot, company or the timeout)."""
         return sum(len(b) for b in self._open.values())
@@ -94,9 +112,7 @@ class MicroBatcher:
         job = asyncio.get_running_loop().run_in_executor(self.pool, self.run, items)
 
         def done(job: asyncio.Future) -> None:
-            self._running -= 1
-            if self._open and self._running < self.slots:  # a slot is free: the oldest waiting batch
-                self._flush(next(iter(self._open)))
+            self._release()
             exc = None if job.cancelled() else job.exception()
             results = None if exc is not None or job.cancelled() else job.result()
             for i, (_, fut) in enumerate(batch):

@@ -345,6 +345,12 @@ def run_batch(items: list[Prepared], limits: Limits) -> list[pb.InferResponse]:
     return answers
 
 
+def answer_alone(received: Received, find_model: Callable[[str, str], Model], limits: Limits) -> pb.InferResponse:
+    """prepare and run_batch in one step, for a request that has nothing to be batched with."""
+    item = prepare(received, find_model, limits)
+    return item if isinstance(item, pb.InferResponse) else run_batch([item], limits)[0]
+
+
 def handle(
     request: pb.InferRequest,
     find_model: Callable[[str, str], Model],

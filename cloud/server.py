@@ -7,7 +7,8 @@
 Requests arrive as raw bytes (a lenient deserializer stamps their arrival time and size), so a
 message that is not a valid protobuf gets its own INVALID_ARGUMENT answer and the stream goes on.
 Parsing and decoding run in one thread pool, tail runs (micro-batched across streams by
-cloud.batching) in another, never on the event loop. Within a stream up to `max_inflight` requests
+cloud.batching) in another, never on the event loop; a request that finds a compute thread free and
+no batch waiting is decoded and run there in one step. Within a stream up to `max_inflight` requests
 are worked on at once and answered in request order; the stream stops reading while that many are
 pending, so a fast client is held back by HTTP/2 flow control rather than by server memory.
 
@@ -31,8 +32,8 @@ import grpc
 
 from cloud.auth import TokenAuth, TokenStore, bearer
 from cloud.batching import MicroBatcher
-from cloud.handlers import (EchoModel, Limits, Model, Prepared, Received, RequestError, error_response, prepare,
-                            read_request_id, run_batch)
+from cloud.handlers import (EchoModel, Limits, Model, Prepared, Received, RequestError, answer_alone, error_response,
+                            prepare, read_request_id, run_batch)
 from cloud.metrics import Metrics
 from cloud.refusal import refuse_stream
 from protos.coach.v1 import coach_pb2 as pb
@@ -123,14 +124,20 @@ class CollaborativeInference:
     async def answer(self, received: Received) -> pb.InferResponse:
         loop = asyncio.get_running_loop()
         try:
-            item = await loop.run_in_executor(self.decode_pool, prepare, received, self.registry.find,
-                                              self.config.limits)
-            if isinstance(item, Prepared):
-                try:
-                    batchable = item.model.batchable(item.request.cut_id)
-                except Exception:
-                    batchable = False
-                item = await self.batcher.submit(item.batch_key, item, batchable)
+            alone = self.batcher.run_now(answer_alone, received, self.registry.find, self.config.limits)
+            if alone is not None:  # a compute slot is free and nobody waits: decode and run in one hop
+                item = await alone
+                if not item.error.code:
+                    self.metrics.observe_batch(1)
+            else:
+                item = await loop.run_in_executor(self.decode_pool, prepare, received, self.registry.find,
+                                                  self.config.limits)
+                if isinstance(item, Prepared):
+                    try:
+                        batchable = item.model.batchable(item.request.cut_id)
+                    except Exception:
+                        batchable = False
+                    item = await self.batcher.submit(item.batch_key, item, batchable)
         except Exception as exc:  # the pools are gone (shutdown) or a bug: answer, don't break the stream
             log.exception("request failed outside its handler")
             item = error_response(read_request_id(received.raw), exc, received)

@@ -77,6 +77,40 @@ def test_microbatcher_runs_at_once_when_idle_and_batches_while_busy():
     assert calls[:3] == [[0], [1, 2], [9]]
 
 
+def test_run_now_takes_a_free_slot_only_and_hands_it_on_to_the_waiting_batch():
+    """A lone request's whole job (decode and run) goes to the pool in one step, in a slot of its own;
+    with the slot busy or a batch waiting it is refused (None), and its end frees the slot for the
+    oldest waiting batch."""
+    calls = []
+    run, gate = _gated_run(calls)
+    alone = threading.Event()
+
+    def job(x):
+        alone.wait(10)
+        return x + 1
+
+    async def go(pool):
+        b = MicroBatcher(run, pool, max_batch=8, timeout_s=60.0, slots=1)
+        first = b.run_now(job, 1)
+        assert first is not None
+        assert b.run_now(job, 2) is None  # the slot is taken
+        waiting = [asyncio.ensure_future(b.submit("k", i)) for i in (3, 4)]  # they collect behind it
+        await asyncio.sleep(0.05)
+        assert calls == [] and b.waiting() == 2
+        alone.set()
+        assert await asyncio.wait_for(first, 5) == 2
+        await asyncio.sleep(0.05)
+        assert calls == [[3, 4]]  # the slot went to the waiting batch at once (not the 60 s timer)
+        assert b.run_now(job, 5) is None  # busy again
+        gate.set()
+        res = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        nxt = b.run_now(job, 6)  # idle again: runs at once
+        return res, await asyncio.wait_for(nxt, 5)
+
+    res, last = _run_batcher(go)
+    assert res == [30, 40] and last == 7
+
+
 def test_microbatcher_times_out_while_busy_and_never_batches_across_keys():
     calls = []
     run, gate = _gated_run(calls)
