@@ -248,10 +248,10 @@ class Agent:
         return max(0.0, self.bundle.accuracy_budget - self._cache_budget())
 
     def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None,
-                 hit: bool | None = None) -> None:
-        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality; a
-        cache lookup (`hit`) moves the live hit rate (EMA over ~20 lookups), so that the choice among
-        cuts of equal period counts the hits the stream really gives. Called with the lock held (the
+                 hit_rate: float | None = None) -> None:
+        """Measured stage times replace the plan's predictions (EMA), so the bits follow reality; the
+        cut's cache's live hit rate (`SemanticCache.hit_rate`, after each lookup) replaces the plan's,
+        so that the choice among cuts of equal period counts the hits the stream really gives. Called with the lock held (the
         compute, receive and local threads all measure)."""
         p = self.quantizer.cuts.get(cut_id)
         if p is None:
@@ -261,8 +261,8 @@ class Agent:
             p = dataclasses.replace(p, edge_ms=(1 - a) * p.edge_ms + a * edge_ms)
         if cloud_ms is not None:
             p = dataclasses.replace(p, cloud_ms=(1 - a) * p.cloud_ms + a * cloud_ms)
-        if hit is not None:
-            p = dataclasses.replace(p, hit_rate=0.95 * p.hit_rate + 0.05 * hit)
+        if hit_rate is not None:
+            p = dataclasses.replace(p, hit_rate=hit_rate)
         self.quantizer.cuts[cut_id] = p
 
     def _observe_input(self, ms: float, first: bool = False) -> None:
@@ -461,7 +461,7 @@ class Agent:
             item.feature = cache.feature([item.tensors[t.name] for t in cut.tensors])
             item.cache = cache.decide(item.feature)
             with self._lock:
-                self._observe(cut.id, hit=item.cache.outcome == "hit")
+                self._observe(cut.id, hit_rate=cache.hit_rate)
             if item.cache.outcome == "hit":
                 self._answer_from_cache(item, cache)
                 if not item.cache.verify:

@@ -22,8 +22,8 @@ precision is below the target, hits are verified `verify_boost` times as often, 
 thresholds settle sooner after a drift. The verified precision reported is over the last `window`
 verified hits.
 Accuracy budget: with `drop_budget` (points of agreement with the full model, over all inputs looked
-up) the target is no lower than 1 - drop_budget / (100 * hit rate), the live hit rate (EMA over
-~100 lookups, from the plan's): a wrong hit costs the stream's accuracy in proportion to how many
+up) the target is no lower than 1 - drop_budget / (100 * hit rate), the live hit rate (`hit_rate`:
+an EMA over ~20 lookups, from the plan's held-out one): a wrong hit costs the stream's accuracy in proportion to how many
 inputs are hits, so the more the cache answers, the more precise its answers must be.
 All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
 """
@@ -83,7 +83,7 @@ class SemanticCache:
         self._floor = config.hit  # relaxing never goes below the calibrated threshold
         self._lock = threading.Lock()
         self._rng = random.Random(config.seed)
-        self._rate = config.hit_rate  # live hit rate (EMA), for the target under a drop budget
+        self._rate = config.hit_rate  # live hit rate (EMA)
         self._smoothed: np.ndarray | None = None
         self._last: tuple[np.ndarray, int] | None = None  # (feature, answer) of the previous input
         self._verified: deque[bool] = deque(maxlen=config.window)
@@ -140,7 +140,12 @@ class SemanticCache:
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
-        self._rate = 0.99 * self._rate + 0.01 * (outcome == "hit")
+        self._rate = 0.95 * self._rate + 0.05 * (outcome == "hit")
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of recent lookups answered (EMA over ~20), from the plan's held-out rate."""
+        return self._rate
 
     def target(self) -> float:
         """The precision hits must have: the configured one, or more where the drop budget says so."""

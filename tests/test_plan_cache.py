@@ -376,7 +376,7 @@ def test_an_output_that_is_not_a_class_vector_gets_no_cache(work, tmp_path):
 
 def test_the_agent_starts_from_the_plans_hit_rate_and_follows_the_live_one(work):
     """The cut choice counts the cache's hits (edge.adapt.CutProfile.latency_ms): the plan's held-out
-    hit rate until lookups at the cut replace it; no cache, no hits."""
+    hit rate until lookups at the cut replace it with the cache's live one; no cache, no hits."""
     from edge.agent import Agent, AgentConfig
 
     b = load_bundle(work / "b")
@@ -386,15 +386,17 @@ def test_the_agent_starts_from_the_plans_hit_rate_and_follows_the_live_one(work)
         for cid, p in agent.quantizer.cuts.items():
             assert p.hit_rate == pytest.approx(b.cache_for(cid).hit_rate if cid in cached else 0.0)
         cid = cached[0]
-        start = agent.quantizer.cuts[cid].hit_rate
-        for _ in range(40):
-            with agent._lock:
-                agent._observe(cid, hit=True)
-        assert agent.quantizer.cuts[cid].hit_rate > max(start, 0.8)
-        for _ in range(40):
-            with agent._lock:
-                agent._observe(cid, hit=False)
-        assert agent.quantizer.cuts[cid].hit_rate < 0.2
+        cache = agent.caches[cid]
+        assert cache.hit_rate == pytest.approx(b.cache_for(cid).hit_rate)
+        sure = cache.centers[int(np.flatnonzero(cache.valid)[0])]  # on a center: a hit
+        between = normalize(cache.centers[cache.valid].sum(axis=0))  # no margin: never a hit
+        for feature, low, high in ((sure, 0.8, 1.0), (between, 0.0, 0.2)):
+            for _ in range(40):
+                cache.decide(feature)
+                with agent._lock:
+                    agent._observe(cid, hit_rate=cache.hit_rate)
+            assert low <= agent.quantizer.cuts[cid].hit_rate <= high
+            assert agent.quantizer.cuts[cid].hit_rate == cache.hit_rate
     with Agent(b, AgentConfig(cloud=None, cache=False)) as agent:
         assert all(p.hit_rate == 0.0 for p in agent.quantizer.cuts.values())
 
