@@ -158,6 +158,7 @@ class Agent:
                       for cid, c in b.cuts.items() if c.kind == "interior"}
         self.full = load_session(b.full_path, self.providers, self.config.threads)
         self.estimator = BandwidthEstimator()
+        self.cache_budget = self._cache_budget()  # points of the accuracy budget the cache may spend
         self.caches = self._make_caches() if self.config.cache else {}
         self.quantizer = self._make_quantizer()
         # whether the bandwidth estimate can change anything (edge-only or cloud-only alone: no probes)
@@ -205,8 +206,8 @@ class Agent:
             below = {q.bits: q.bytes for q in c.quantization if fixed is None and c.kind != "edge-only"
                      and not q.admissible and q.bits in measured and q.bits < min(sizes)}
             measured.update({bits: drop_upper_bound(measured[bits], samples) for bits in below})
-            # the cache's hit rate on the plan's held-out inputs, until the live one replaces it (_observe)
-            hit_rate = b.cache_for(cid).hit_rate if cid in self.caches else 0.0
+            # the cache's hit rate (the plan's held-out one until lookups move it; _observe)
+            hit_rate = self.caches[cid].hit_rate if cid in self.caches else 0.0
             profiles.append(CutProfile(cid, c.edge_ms, c.cloud_ms, sizes, below_bytes=below, drop_by_bits=measured,
                                        bits_rule=cfg.bits_rule, hit_rate=hit_rate))
         rows = [AdaptRow(r.bandwidth_mbps, cfg.cut or r.cut, cfg.bits or r.bits) for r in table]
@@ -245,14 +246,14 @@ class Agent:
 
     def _bank_budget(self) -> float:
         """The plan's accuracy budget less the semantic cache's part of it."""
-        return max(0.0, self.bundle.accuracy_budget - self._cache_budget())
+        return max(0.0, self.bundle.accuracy_budget - self.cache_budget)
 
     def _observe(self, cut_id: str, edge_ms: float | None = None, cloud_ms: float | None = None,
                  hit_rate: float | None = None) -> None:
         """Measured stage times replace the plan's predictions (EMA), so the bits follow reality; the
         cut's cache's live hit rate (`SemanticCache.hit_rate`, after each lookup) replaces the plan's,
-        so that the choice among cuts of equal period counts the hits the stream really gives. Called with the lock held (the
-        compute, receive and local threads all measure)."""
+        so that the choice among cuts of equal period counts the hits the stream really gives.
+        Called with the lock held (the compute, receive and local threads all measure)."""
         p = self.quantizer.cuts.get(cut_id)
         if p is None:
             return
@@ -281,7 +282,6 @@ class Agent:
     def _make_caches(self) -> dict[str, SemanticCache]:
         caches = {}
         cfg = self.config
-        budget = self._cache_budget()  # what the hits may cost, less what the band's bits do
         for cid, cut in self.bundle.cuts.items():
             spec = self.bundle.cache_for(cid) if cut.kind == "interior" else None
             if spec is None or (spec.hit is None and spec.band is None):
@@ -295,7 +295,7 @@ class Agent:
                 smoothing=0.5 if cfg.cache_context else 0.0,
                 reuse_similarity=0.995 if cfg.cache_context else None,
                 momentum=0.99 if cfg.cache_update else None, verify_fraction=cfg.cache_verify,
-                drop_budget=max(0.0, budget - band_drop),
+                drop_budget=max(0.0, self.cache_budget - band_drop),  # what the hits may cost
                 hit_rate=spec.hit_rate), grid=spec.grid)
         return caches
 

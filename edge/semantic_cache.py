@@ -23,8 +23,8 @@ thresholds settle sooner after a drift. The verified precision reported is over 
 verified hits.
 Accuracy budget: with `drop_budget` (points of agreement with the full model, over all inputs looked
 up) the target is no lower than 1 - drop_budget / (100 * hit rate), the live hit rate (`hit_rate`:
-an EMA over ~20 lookups, from the plan's held-out one): a wrong hit costs the stream's accuracy in proportion to how many
-inputs are hits, so the more the cache answers, the more precise its answers must be.
+an EMA over ~20 lookups, from the plan's held-out one): a wrong hit costs the stream's accuracy in
+proportion to how many inputs are hits, so the more the cache answers, the more precise it must be.
 All state sits behind one lock: the compute and receive threads of the agent call in concurrently.
 """
 
