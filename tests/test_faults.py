@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 
@@ -27,7 +26,8 @@ def cut_trace(up_s: float, cut_s: float, period_s: float, per_ms: int = 4) -> st
 
 def run_through_cut(bundle: Path, cut_s: float, n: int, rate_hz: float | None = None, **config):
     """Run `n` synthetic inputs through a real cloud behind a link cut for `cut_s` seconds from 2 s
-    on; returns the agent and the results with their completion times (s since the run began)."""
+    on; returns the agent and the results with their completion times on the link's clock (s of
+    trace time: the cut is [2, 2 + cut_s) whatever the agent's start-up took)."""
     from bench.load_bench import ServerProcess
 
     srv = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0"])
@@ -35,12 +35,11 @@ def run_through_cut(bundle: Path, cut_s: float, n: int, rate_hz: float | None = 
     emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", srv.port), trace, "const:50").start()
     try:
         agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False, **config))
-        t0 = time.perf_counter()
         results, when = [], []
         with agent:
             for r in agent.run(open_source(f"synthetic:{n}", agent.inputs), rate_hz=rate_hz):
                 results.append(r)
-                when.append(time.perf_counter() - t0)
+                when.append(emu.trace_ms() / 1e3)
         return agent, results, when
     finally:
         emu.stop()
