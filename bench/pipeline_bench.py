@@ -520,6 +520,34 @@ def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | 
     }
 
 
+def _pilot_throughput(b: Bench, bundle, cloud_address: str, cut: str, bits: int, w: Workload) -> dict:
+    """What the compute stages of (cut, bits) sustain in the pipeline itself: the agent straight to the
+    cloud (no link emulator, loopback), inputs as fast as the in-flight cap lets them in, for a quarter
+    of a run (at least 4 s); the steady throughput after the first 10%. The stages run slower side by
+    side than profiled alone (part 2), by how much depends on the machine and its load: an input rate
+    set from this, not from the plan's profiled T_e and T_c, leaves only the link to fall behind."""
+    from edge.agent import Agent, AgentConfig
+
+    cfg = AgentConfig(cloud=cloud_address, bits=bits, cut=cut, threads=1, cache=False, bank=False)
+    seconds = max(4.0, b.seconds / 4)
+    times = []
+    with Agent(bundle, cfg) as agent:
+        stop_at = time.perf_counter() + seconds
+
+        def feed():
+            for s in _samples(w.inputs, 10**9, w.labels):
+                if time.perf_counter() >= stop_at:
+                    return
+                yield s
+
+        for r in agent.run(feed()):
+            times.append(time.perf_counter())
+        where = {k: v for k, v in agent.stats.items() if k in ("cloud", "edge", "fallback")}
+    tput, counted = _steady(times)
+    return {"cut": cut, "bits": bits, "seconds": seconds, "results": len(times), "steady_results": counted,
+            "throughput": tput, "where": where}
+
+
 def part_adaptation(b: Bench) -> dict:
     from bench.mahimahi import load_trace, trace_stats
     from bench.pipeline_models import full_predictions, plan_doc_summary, plan_pinned, profile_pinned
@@ -545,14 +573,24 @@ def part_adaptation(b: Bench) -> dict:
            "plan": plan_doc_summary(bundle), "traces": {}}
     _print_plan(b, bundle)
     cloud = start_cloud(bundle.path, b.cloud_cores, extra=CLOUD_FLAGS)
+    pilots: dict[tuple[str, int], dict] = {}
     try:
         for t in traces:
             median = trace_stats(load_trace(t)).p50_mbps
             row = bundle.row_for_bandwidth(median)
             main_cut = bundle.cuts[row.cut]
-            # input rate: what the compute stages of the median's plan row sustain, with 25% to spare (in the
-            # pipeline the stages run slower than profiled alone, part 2), so that only the link can fall behind
-            rate = round(0.75 * 1e3 / max(row.edge_ms, row.cloud_ms), 1)
+            # input rate: 75% of what the compute stages of the median's plan row sustain in the pipeline,
+            # measured (a pilot run without the link), so that only the link can fall behind
+            key = (row.cut, row.bits)
+            if key not in pilots:
+                with b.console.status(f"4. pilot: cut {row.cut} at {row.bits} bits, no link, as fast as it goes"):
+                    pilots[key] = _pilot_throughput(b, bundle, cloud.address, row.cut, row.bits, w)
+            pilot = pilots[key]
+            planned_hz = 1e3 / max(row.edge_ms, row.cloud_ms)
+            measured_hz = pilot["throughput"] if math.isfinite(pilot["throughput"]) else planned_hz
+            rate = round(0.75 * measured_hz, 1)
+            b.print(f"4. {t}: the compute stages of cut {row.cut} at {row.bits} bits sustain {measured_hz:.1f}/s "
+                    f"in the pipeline (plan's profile: {planned_hz:.1f}/s); input at 75%: {rate:g} Hz")
             admissible = sorted(main_cut.admissible_bits, reverse=True)
             over = [q.bits for q in main_cut.quantization if q.bits not in admissible]
             fixed = admissible + ([max(over)] if over else [])  # the admissible widths and the first that is not
@@ -583,7 +621,7 @@ def part_adaptation(b: Bench) -> dict:
                 tput = ada["throughput"] > r["throughput"] * 1.02
                 p95 = ada["latency_ms"].get("p95", math.inf) < r["latency_ms"].get("p95", math.inf) * 0.98
                 verdict[r["label"]] = {"throughput": bool(tput), "p95": bool(p95), "beats": bool(tput or p95)}
-            out["traces"][t] = {"rate_hz": rate, "median_mbps": median, "start_row": {"cut": row.cut, "bits": row.bits},
+            out["traces"][t] = {"rate_hz": rate, "pilot": pilot, "planned_hz": planned_hz, "median_mbps": median, "start_row": {"cut": row.cut, "bits": row.bits},
                                 "main_cut": row.cut, "admissible_bits": admissible, "runs": runs,
                                 "adaptive_vs_fixed": verdict,
                                 # None: nothing to compare (the plan sends nothing at this trace's median)

@@ -273,6 +273,8 @@ def prepare(received: Received, find_model: Callable[[str, str], Model], limits:
             request = parse(received.raw)
         request_id = request.request_id
         model = find_model(request.model, request.plan_sha256)
+        if request.measure_only:  # a link probe: only its arrival matters
+            return measured(request, received)
         check_tensors(request, model.spec(request.cut_id), limits)
         tensors = decode_tensors(request, limits)
     except Exception as exc:
@@ -281,6 +283,14 @@ def prepare(received: Received, find_model: Callable[[str, str], Model], limits:
         return error_response(request_id, exc, received)
     nbytes = len(received.raw) if received.raw else request.ByteSize()
     return Prepared(request, model, tensors, received, nbytes, (time.perf_counter() - t0) * 1e3)
+
+
+def measured(request: pb.InferRequest, received: Received) -> pb.InferResponse:
+    """The answer to a measure_only request: its arrival (time, bytes), nothing decoded or run."""
+    resp = pb.InferResponse(request_id=request.request_id)
+    resp.timing.receive_unix_ns = received.unix_ns
+    resp.timing.bytes_received = len(received.raw) if received.raw else request.ByteSize()
+    return resp
 
 
 def topk(logits: np.ndarray, k: int) -> list[pb.ClassScore]:

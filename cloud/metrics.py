@@ -6,7 +6,8 @@
 
 Names: coach_requests_total, coach_errors_total{code}, coach_received_bytes_total,
 coach_stage_seconds{stage=queue|decode|compute}, coach_batch_size, coach_active_streams,
-coach_stream_errors_total{code} (streams that ended with an error status).
+coach_stream_errors_total{code} (streams that ended with an error status), coach_probes_total
+(measure_only requests: link probes, answered without a run; counted in coach_requests_total too).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Metrics:
                                buckets=_STAGE_BUCKETS, registry=r)
         self.batch = Histogram("coach_batch_size", "Requests per tail run",
                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.probes = Counter("coach_probes", "Measure-only requests (link probes) answered without a run",
+                              registry=r)
         self.streams = Gauge("coach_active_streams", "Open Stream calls", registry=r)
         self.stream_errors = Counter("coach_stream_errors", "Streams ended with an error status, by gRPC code",
                                      ["code"], registry=r)
@@ -47,6 +50,9 @@ class Metrics:
             self.errors.labels(code_name(resp.error.code)).inc()
             return
         t = resp.timing
+        if not t.batch_size:  # nothing ran: a measure_only request
+            self.probes.inc()
+            return
         self.stage.labels("queue").observe(t.queue_ms / 1e3)
         self.stage.labels("decode").observe(t.decode_ms / 1e3)
         self.stage.labels("compute").observe(t.compute_ms / 1e3)

@@ -127,7 +127,7 @@ class CollaborativeInference:
             alone = self.batcher.run_now(answer_alone, received, self.registry.find, self.config.limits)
             if alone is not None:  # a compute slot is free and nobody waits: decode and run in one hop
                 item = await alone
-                if not item.error.code:
+                if item.timing.batch_size:  # it ran (not an error, nor a measure_only request)
                     self.metrics.observe_batch(1)
             else:
                 item = await loop.run_in_executor(self.decode_pool, prepare, received, self.registry.find,

@@ -61,7 +61,7 @@ class AgentConfig:
     compress: str | None = None  # lossless stage: "zstd" | "lz4"
     # Probes: when no answer gave the estimator a sample for this long (not calibrated yet, or too little
     # is sent: a deep cut, cache hits), copies of the input are sent back to back through the cloud-only
-    # cut (Agent._send_probes); their answers only measure the link. On edge-only (nothing sent)
+    # cut (Agent._send_probes), measure_only (the cloud runs nothing). On edge-only (nothing sent)
     # after probe_interval_s.
     calibrate_interval_s: float = 2.0  # 0: never
     probe_interval_s: float = 1.0
@@ -529,8 +529,9 @@ class Agent:
         to back: one at 2 bits, then two at 32 bits. The big ones are several packets each, so the
         arrival gap of each behind the one before is a dispersion sample (a sub-packet message
         cannot give one), and the small one makes sure the estimator sees that they queued (its
-        shorter transfer lowers the minimum delay below theirs). Their answers only feed the
-        estimator. They take in-flight slots beyond the cap (and count in it)."""
+        shorter transfer lowers the minimum delay below theirs). They are measure_only: the cloud
+        answers with their arrival and runs nothing, and the answers only feed the estimator.
+        They take in-flight slots beyond the cap (and count in it)."""
         cut = next((c for c in self.bundle.cuts.values() if c.kind == "cloud-only"), None)
         if cut is None:
             return
@@ -552,7 +553,7 @@ class Agent:
             req_id = self._next_id
             self._next_id += 1
         req = pb.InferRequest(request_id=req_id, model=self.bundle.model_name, plan_sha256=self.bundle.plan_sha256,
-                              cut_id=item.cut, tensors=tensors)
+                              cut_id=item.cut, tensors=tensors, measure_only=item.probe)
         item.encode_ms = (time.perf_counter() - t0) * 1e3
         item.nbytes = req.ByteSize()
         req.edge_timing.head_ms = item.head_ms
@@ -624,8 +625,9 @@ class Agent:
         if self.estimator.update(Observation(send_ns=item.send_ns, recv_ns=st.receive_unix_ns,
                                              nbytes=st.bytes_received)) is not None:
             self._last_sample = t_recv
-        with self._lock:
-            self._observe(item.cut, cloud_ms=st.decode_ms + st.compute_ms)  # service time: a queue is not T_c
+        if not item.probe:  # (a probe runs nothing on the cloud: no T_c to learn from it)
+            with self._lock:
+                self._observe(item.cut, cloud_ms=st.decode_ms + st.compute_ms)  # service time: a queue is not T_c
         top = resp.topk[0] if resp.topk else pb.ClassScore(index=-1, score=0.0)
         if item.feature is not None:
             self.caches[item.cut].observe(item.feature, top.index, item.cache)

@@ -122,6 +122,37 @@ def test_stream_runs_the_tail_in_order_with_topk_outputs_and_timing(bundles, mod
         assert t.queue_ms >= 0 and t.decode_ms > 0 and t.compute_ms > 0 and t.batch_size >= 1
 
 
+def test_measure_only_requests_are_answered_with_their_arrival_and_run_nothing(bundles, models):
+    """A link probe (measure_only) gets its receive time and size back at once, in stream order, with
+    nothing decoded or run: a payload that could not be decoded is no error, no batch is counted, and
+    the metrics count it as a probe. An unknown plan is still refused."""
+    reqs, _ = _requests(bundles[0], 4, bits=8)
+    probe = pb.InferRequest()
+    probe.CopyFrom(reqs[1])
+    probe.request_id, probe.measure_only = 50, True
+    probe.tensors[0].data = probe.tensors[0].data[:-3]  # truncated: decoding would refuse it
+    stranger = pb.InferRequest(request_id=51, model=probe.model, plan_sha256="0" * 64, cut_id="c1",
+                               measure_only=True)
+
+    async def go():
+        async with _server(models) as (running, stub, _ch):
+            before = time.time_ns()
+            out = [r async for r in stub.Stream(iter([reqs[0], probe, reqs[2], reqs[3]]))]
+            refused = await stub.Infer(stranger)
+            return before, out, refused, running.metrics.text().decode()
+
+    before, out, refused, metrics = asyncio.run(go())
+    assert [r.request_id for r in out] == [0, 50, 2, 3]
+    p = out[1]
+    assert p.error.code == 0 and not p.topk and not p.outputs
+    assert before <= p.timing.receive_unix_ns <= time.time_ns() and p.timing.bytes_received == probe.ByteSize()
+    assert p.timing.batch_size == 0 and p.timing.compute_ms == 0 and p.timing.decode_ms == 0
+    assert all(r.error.code == 0 and r.topk and r.timing.batch_size == 1 for r in out if r.request_id != 50)
+    assert refused.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "coach_probes_total 1.0" in metrics and "coach_requests_total 5.0" in metrics
+    assert 'coach_stage_seconds_count{stage="compute"} 3.0' in metrics
+
+
 def test_requests_from_many_streams_share_micro_batches_with_exact_results(bundles, models):
     per_stream = [_requests(bundles[0], 6, bits=8, seed=s) for s in range(4)]
     fixed = [_requests(bundles[1], 6, bits=8, seed=s) for s in range(2)]

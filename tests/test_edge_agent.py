@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -218,12 +221,17 @@ def test_tls_and_token_from_the_edge(coach, bundle, tmp_path, interior):
 
 
 @pytest.mark.parametrize("interval_s", [0.0, 0.5])
-def test_probes_calibrate_an_estimator_that_nothing_queues_for(bundle, cloud, interval_s):
+def test_probes_calibrate_an_estimator_that_nothing_queues_for(bundle, interval_s):
     """Paced inputs on an ample link never queue, so no request's timing says what the link can do
     (the estimator stays uncalibrated); probe pairs (two copies of an input through the cloud-only
-    cut, back to back) calibrate it. Their answers are no results: still one per input, in order."""
+    cut, back to back) calibrate it. Their answers are no results: still one per input, in order;
+    and they are measure_only: the cloud runs nothing for them (its metrics count them apart)."""
     from bench.link import LinkEmulator
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    cloud = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0", "--metrics-port", str(mport)])
     emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", cloud.port), "const:50", "const:50", delay_ms=5).start()
     try:
         agent = Agent(bundle, AgentConfig(cloud=f"127.0.0.1:{emu.address[1]}", cache=False,
@@ -234,7 +242,13 @@ def test_probes_calibrate_an_estimator_that_nothing_queues_for(bundle, cloud, in
         if interval_s:
             assert agent.stats["probe_bytes"] > 0 and agent.estimator.calibrated
             assert agent.estimator.estimate_mbps() is not None
+            # measure_only: the cloud ran nothing for them (one run per result it answered, no more)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+            probes = float(re.search(r"^coach_probes_total (\S+)$", text, re.M).group(1))
+            runs = float(re.search(r'^coach_stage_seconds_count\{stage="compute"\} (\S+)$', text, re.M).group(1))
+            assert probes >= 3 and runs == sum(r.where == "cloud" for r in results)
         else:
             assert agent.stats["probe_bytes"] == 0 and not agent.estimator.calibrated
     finally:
         emu.stop()
+        cloud.stop()

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/coach/v1/coach.proto\x12\x08\x63oach.v1\"\x9d\x01\n\x0cQuantization\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12%\n\x06scheme\x18\x02 \x01(\x0e\x32\x15.coach.v1.QuantScheme\x12\x0c\n\x04\x61xis\x18\x03 \x01(\x05\x12\x0e\n\x06scales\x18\x04 \x03(\x02\x12\x13\n\x0bzero_points\x18\x05 \x03(\x05\x12%\n\tbit_order\x18\x06 \x01(\x0e\x32\x12.coach.v1.BitOrder\"\xb0\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.coach.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12,\n\x0cquantization\x18\x05 \x01(\x0b\x32\x16.coach.v1.Quantization\x12*\n\x0b\x63ompression\x18\x06 \x01(\x0e\x32\x15.coach.v1.Compression\"q\n\nEdgeTiming\x12\x17\n\x0f\x63\x61pture_unix_ns\x18\x01 \x01(\x03\x12\x14\n\x0csend_unix_ns\x18\x02 \x01(\x03\x12\x0f\n\x07head_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\xcb\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x03 \x01(\t\x12\x0e\n\x06\x63ut_id\x18\x04 \x01(\t\x12!\n\x07tensors\x18\x05 \x03(\x0b\x32\x10.coach.v1.Tensor\x12)\n\x0b\x65\x64ge_timing\x18\x06 \x01(\x0b\x32\x14.coach.v1.EdgeTiming\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x16\n\x0ereturn_outputs\x18\x08 \x01(\x08\"*\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8c\x01\n\x0cServerTiming\x12\x17\n\x0freceive_unix_ns\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb3\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x07outputs\x18\x02 \x03(\x0b\x32\x10.coach.v1.Tensor\x12\"\n\x04topk\x18\x03 \x03(\x0b\x32\x14.coach.v1.ClassScore\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.coach.v1.ServerTiming\x12\x1f\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x10.coach.v1.Status\"\x11\n\x0f\x44\x65scribeRequest\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.coach.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"<\n\x07\x43utInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.coach.v1.TensorSpec\"\x9e\x01\n\nBundleInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.coach.v1.TensorSpec\x12\x1f\n\x04\x63uts\x18\x04 \x03(\x0b\x32\x11.coach.v1.CutInfo\x12%\n\x07outputs\x18\x05 \x03(\x0b\x32\x14.coach.v1.TensorSpec\"l\n\x10\x44\x65scribeResponse\x12%\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x14.coach.v1.BundleInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04*\x81\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\x08\n\x04\x42OOL\x10\x08*L\n\x0bQuantScheme\x12\x1c\n\x18QUANT_SCHEME_UNSPECIFIED\x10\x00\x12\x0e\n\nPER_TENSOR\x10\x01\x12\x0f\n\x0bPER_CHANNEL\x10\x02*4\n\x08\x42itOrder\x12\x19\n\x15\x42IT_ORDER_UNSPECIFIED\x10\x00\x12\r\n\tLSB_FIRST\x10\x01*6\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x12\x07\n\x03LZ4\x10\x02\x32\xd4\x01\n\x16\x43ollaborativeInference\x12=\n\x06Stream\x12\x16.coach.v1.InferRequest\x1a\x17.coach.v1.InferResponse(\x01\x30\x01\x12\x38\n\x05Infer\x12\x16.coach.v1.InferRequest\x1a\x17.coach.v1.InferResponse\x12\x41\n\x08\x44\x65scribe\x12\x19.coach.v1.DescribeRequest\x1a\x1a.coach.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotos/coach/v1/coach.proto\x12\x08\x63oach.v1\"\x9d\x01\n\x0cQuantization\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12%\n\x06scheme\x18\x02 \x01(\x0e\x32\x15.coach.v1.QuantScheme\x12\x0c\n\x04\x61xis\x18\x03 \x01(\x05\x12\x0e\n\x06scales\x18\x04 \x03(\x02\x12\x13\n\x0bzero_points\x18\x05 \x03(\x05\x12%\n\tbit_order\x18\x06 \x01(\x0e\x32\x12.coach.v1.BitOrder\"\xb0\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.coach.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12,\n\x0cquantization\x18\x05 \x01(\x0b\x32\x16.coach.v1.Quantization\x12*\n\x0b\x63ompression\x18\x06 \x01(\x0e\x32\x15.coach.v1.Compression\"q\n\nEdgeTiming\x12\x17\n\x0f\x63\x61pture_unix_ns\x18\x01 \x01(\x03\x12\x14\n\x0csend_unix_ns\x18\x02 \x01(\x03\x12\x0f\n\x07head_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\xe1\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x03 \x01(\t\x12\x0e\n\x06\x63ut_id\x18\x04 \x01(\t\x12!\n\x07tensors\x18\x05 \x03(\x0b\x32\x10.coach.v1.Tensor\x12)\n\x0b\x65\x64ge_timing\x18\x06 \x01(\x0b\x32\x14.coach.v1.EdgeTiming\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x16\n\x0ereturn_outputs\x18\x08 \x01(\x08\x12\x14\n\x0cmeasure_only\x18\t \x01(\x08\"*\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"\x8c\x01\n\x0cServerTiming\x12\x17\n\x0freceive_unix_ns\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb3\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x07outputs\x18\x02 \x03(\x0b\x32\x10.coach.v1.Tensor\x12\"\n\x04topk\x18\x03 \x03(\x0b\x32\x14.coach.v1.ClassScore\x12&\n\x06timing\x18\x04 \x01(\x0b\x32\x16.coach.v1.ServerTiming\x12\x1f\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x10.coach.v1.Status\"\x11\n\x0f\x44\x65scribeRequest\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.coach.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"<\n\x07\x43utInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x07tensors\x18\x02 \x03(\x0b\x32\x14.coach.v1.TensorSpec\"\x9e\x01\n\nBundleInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.coach.v1.TensorSpec\x12\x1f\n\x04\x63uts\x18\x04 \x03(\x0b\x32\x11.coach.v1.CutInfo\x12%\n\x07outputs\x18\x05 \x03(\x0b\x32\x14.coach.v1.TensorSpec\"l\n\x10\x44\x65scribeResponse\x12%\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x14.coach.v1.BundleInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04*\x81\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\x08\n\x04\x42OOL\x10\x08*L\n\x0bQuantScheme\x12\x1c\n\x18QUANT_SCHEME_UNSPECIFIED\x10\x00\x12\x0e\n\nPER_TENSOR\x10\x01\x12\x0f\n\x0bPER_CHANNEL\x10\x02*4\n\x08\x42itOrder\x12\x19\n\x15\x42IT_ORDER_UNSPECIFIED\x10\x00\x12\r\n\tLSB_FIRST\x10\x01*6\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x12\x07\n\x03LZ4\x10\x02\x32\xd4\x01\n\x16\x43ollaborativeInference\x12=\n\x06Stream\x12\x16.coach.v1.InferRequest\x1a\x17.coach.v1.InferResponse(\x01\x30\x01\x12\x38\n\x05Infer\x12\x16.coach.v1.InferRequest\x1a\x17.coach.v1.InferResponse\x12\x41\n\x08\x44\x65scribe\x12\x19.coach.v1.DescribeRequest\x1a\x1a.coach.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.coach.v1.coach_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1542
-  _globals['_DATATYPE']._serialized_end=1671
-  _globals['_QUANTSCHEME']._serialized_start=1673
-  _globals['_QUANTSCHEME']._serialized_end=1749
-  _globals['_BITORDER']._serialized_start=1751
-  _globals['_BITORDER']._serialized_end=1803
-  _globals['_COMPRESSION']._serialized_start=1805
-  _globals['_COMPRESSION']._serialized_end=1859
+  _globals['_DATATYPE']._serialized_start=1564
+  _globals['_DATATYPE']._serialized_end=1693
+  _globals['_QUANTSCHEME']._serialized_start=1695
+  _globals['_QUANTSCHEME']._serialized_end=1771
+  _globals['_BITORDER']._serialized_start=1773
+  _globals['_BITORDER']._serialized_end=1825
+  _globals['_COMPRESSION']._serialized_start=1827
+  _globals['_COMPRESSION']._serialized_end=1881
   _globals['_QUANTIZATION']._serialized_start=42
   _globals['_QUANTIZATION']._serialized_end=199
   _globals['_TENSOR']._serialized_start=202
@@ -46,25 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EDGETIMING']._serialized_start=380
   _globals['_EDGETIMING']._serialized_end=493
   _globals['_INFERREQUEST']._serialized_start=496
-  _globals['_INFERREQUEST']._serialized_end=699
-  _globals['_CLASSSCORE']._serialized_start=701
-  _globals['_CLASSSCORE']._serialized_end=743
-  _globals['_SERVERTIMING']._serialized_start=746
-  _globals['_SERVERTIMING']._serialized_end=886
-  _globals['_STATUS']._serialized_start=888
-  _globals['_STATUS']._serialized_end=927
-  _globals['_INFERRESPONSE']._serialized_start=930
-  _globals['_INFERRESPONSE']._serialized_end=1109
-  _globals['_DESCRIBEREQUEST']._serialized_start=1111
-  _globals['_DESCRIBEREQUEST']._serialized_end=1128
-  _globals['_TENSORSPEC']._serialized_start=1130
-  _globals['_TENSORSPEC']._serialized_end=1206
-  _globals['_CUTINFO']._serialized_start=1208
-  _globals['_CUTINFO']._serialized_end=1268
-  _globals['_BUNDLEINFO']._serialized_start=1271
-  _globals['_BUNDLEINFO']._serialized_end=1429
-  _globals['_DESCRIBERESPONSE']._serialized_start=1431
-  _globals['_DESCRIBERESPONSE']._serialized_end=1539
-  _globals['_COLLABORATIVEINFERENCE']._serialized_start=1862
-  _globals['_COLLABORATIVEINFERENCE']._serialized_end=2074
+  _globals['_INFERREQUEST']._serialized_end=721
+  _globals['_CLASSSCORE']._serialized_start=723
+  _globals['_CLASSSCORE']._serialized_end=765
+  _globals['_SERVERTIMING']._serialized_start=768
+  _globals['_SERVERTIMING']._serialized_end=908
+  _globals['_STATUS']._serialized_start=910
+  _globals['_STATUS']._serialized_end=949
+  _globals['_INFERRESPONSE']._serialized_start=952
+  _globals['_INFERRESPONSE']._serialized_end=1131
+  _globals['_DESCRIBEREQUEST']._serialized_start=1133
+  _globals['_DESCRIBEREQUEST']._serialized_end=1150
+  _globals['_TENSORSPEC']._serialized_start=1152
+  _globals['_TENSORSPEC']._serialized_end=1228
+  _globals['_CUTINFO']._serialized_start=1230
+  _globals['_CUTINFO']._serialized_end=1290
+  _globals['_BUNDLEINFO']._serialized_start=1293
+  _globals['_BUNDLEINFO']._serialized_end=1451
+  _globals['_DESCRIBERESPONSE']._serialized_start=1453
+  _globals['_DESCRIBERESPONSE']._serialized_end=1561
+  _globals['_COLLABORATIVEINFERENCE']._serialized_start=1884
+  _globals['_COLLABORATIVEINFERENCE']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)

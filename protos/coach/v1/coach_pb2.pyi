@@ -100,7 +100,7 @@ class EdgeTiming(_message.Message):
     def __init__(self, capture_unix_ns: _Optional[int] = ..., send_unix_ns: _Optional[int] = ..., head_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model", "plan_sha256", "cut_id", "tensors", "edge_timing", "top_k", "return_outputs")
+    __slots__ = ("request_id", "model", "plan_sha256", "cut_id", "tensors", "edge_timing", "top_k", "return_outputs", "measure_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class InferRequest(_message.Message):
     EDGE_TIMING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     model: str
     plan_sha256: str
@@ -117,7 +118,8 @@ class InferRequest(_message.Message):
     edge_timing: EdgeTiming
     top_k: int
     return_outputs: bool
-    def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., cut_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., edge_timing: _Optional[_Union[EdgeTiming, _Mapping]] = ..., top_k: _Optional[int] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+    measure_only: bool
+    def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., cut_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., edge_timing: _Optional[_Union[EdgeTiming, _Mapping]] = ..., top_k: _Optional[int] = ..., return_outputs: _Optional[bool] = ..., measure_only: _Optional[bool] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "score")
