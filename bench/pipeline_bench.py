@@ -515,6 +515,7 @@ def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | 
         "agreement": float(agree.mean()) if n else None,
         "label_accuracy": float(np.mean(lab)) if lab else None,
         "where": {k: v for k, v in stats.items() if k in ("cloud", "edge", "cache", "fallback", "late")},
+        "bytes": {k: v for k, v in stats.items() if k in ("bytes", "probe_bytes", "verify_bytes")},
         "decisions": used, "decision_changes": changes, "final_estimate_mbps": estimate,
         "trace_capacity_mbps": capacity_mbps(load_trace(trace), 0.0, b.seconds * 1e3),
     }
@@ -621,7 +622,8 @@ def part_adaptation(b: Bench) -> dict:
                 tput = ada["throughput"] > r["throughput"] * 1.02
                 p95 = ada["latency_ms"].get("p95", math.inf) < r["latency_ms"].get("p95", math.inf) * 0.98
                 verdict[r["label"]] = {"throughput": bool(tput), "p95": bool(p95), "beats": bool(tput or p95)}
-            out["traces"][t] = {"rate_hz": rate, "pilot": pilot, "planned_hz": planned_hz, "median_mbps": median, "start_row": {"cut": row.cut, "bits": row.bits},
+            out["traces"][t] = {"rate_hz": rate, "pilot": pilot, "planned_hz": planned_hz, "median_mbps": median,
+                                "start_row": {"cut": row.cut, "bits": row.bits},
                                 "main_cut": row.cut, "admissible_bits": admissible, "runs": runs,
                                 "adaptive_vs_fixed": verdict,
                                 # None: nothing to compare (the plan sends nothing at this trace's median)
