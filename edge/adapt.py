@@ -349,6 +349,16 @@ def holds(decision: Decision, mbps: float, cuts: dict[str, CutProfile], plan: li
     return decide(mbps, decision.cut_id, cuts, plan, return_to_plan, bank, margin) == decision
 
 
+def settled(decision: Decision, cuts: dict[str, CutProfile], plan: list[PlanRow], config: AdaptConfig,
+            bank: AccuracyBank | None = None) -> bool:
+    """Could no higher estimate change `decision`? The rule gives the same cut and bits at an
+    unbounded bandwidth (every width fits there). Then the link only needs watching for a fall, which
+    the requests show themselves: one that queues behind the one before is an estimator sample, and
+    an overdue one a stall."""
+    top = decide(float("inf"), decision.cut_id, cuts, plan, config.return_to_plan, bank, config.period_margin)
+    return (top.cut_id, top.bits) == (decision.cut_id, decision.bits)
+
+
 def next_decision(
     current: Decision | None,
     ups: int,
@@ -450,6 +460,11 @@ class AdaptiveQuantizer:
         if self.bank is not None:
             drop = 0.0 if bits is None or cut_id not in self.cuts else self.cuts[cut_id].drop(bits)
             self.bank = spend(self.bank, drop)
+
+    def settled(self) -> bool:
+        """No higher estimate could change the current decision (`settled`); False before one."""
+        d = self.decision
+        return d is not None and d.cut_id in self.cuts and settled(d, self.cuts, self.plan, self.config, self.bank)
 
     def _overdrawn(self) -> bool:
         d = self.decision

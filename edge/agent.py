@@ -517,12 +517,17 @@ class Agent:
     def _calibration_due(self, interval_s: float | None = None) -> bool:
         """Probes are due: the estimate can change a decision (more than one cut or width to choose
         from), the link is up, and no answer gave the estimator a sample for `interval_s` (default
-        `calibrate_interval_s`), nor were probes sent (so the first request is followed by some)."""
+        `calibrate_interval_s`), nor were probes sent (so the first request is followed by some).
+        Once the estimator is calibrated, not while the decision is settled (edge/adapt.settled: no
+        higher estimate could change it): the probes' bytes would only delay the requests behind them."""
         cfg, now = self.config, time.perf_counter()
         interval = cfg.calibrate_interval_s if interval_s is None else interval_s
         if not self._adapts or interval <= 0 or self.link is None or not self.link.up:
             return False
-        return now - max(self._last_sample, self._last_calibration) >= interval
+        if now - max(self._last_sample, self._last_calibration) < interval:
+            return False
+        with self._lock:
+            return not (self.estimator.calibrated and self.quantizer.settled())
 
     def _send_probes(self, item: _Item) -> None:
         """Copies of the input through the cloud-only cut (its raw inputs: no head to compute), back

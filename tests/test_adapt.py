@@ -28,6 +28,7 @@ from edge.adapt import (
     need_mbps,
     next_decision,
     plan_row_for,
+    settled,
     spend,
     starting_row,
 )
@@ -61,6 +62,26 @@ def test_input_time_is_part_of_the_edge_stage():
     assert a.target_ms == 10.0 and slow.target_ms == 20.0
     assert fitting_bits(a, 7.0) == 4
     assert fitting_bits(slow, 7.0) == 8  # 16384 B in 18.7 ms <= 20 ms
+
+
+def test_settled_when_no_higher_estimate_could_change_the_decision():
+    """Probes are only worth their bytes when a higher estimate could move the decision: the rule at
+    an unbounded bandwidth gives the same cut and bits (`settled`), or not."""
+    cfg = AdaptConfig()
+    assert settled(Decision("a", 16, ""), BY_ID, PLAN, cfg)  # the highest width of the fastest cut
+    assert not settled(Decision("a", 8, ""), BY_ID, PLAN, cfg)  # more bits would fit
+    assert not settled(Decision("b", 32, ""), BY_ID, PLAN, cfg)  # a shorter period (cut a) would fit
+    # least-drop: where 8 bits measured the least drop, more bits buy nothing, so a@8 is settled
+    measured = dict(BY_ID, a=CutProfile("a", 4.0, 10.0, BY_ID["a"].bytes_by_bits,
+                                        drop_by_bits={16: 0.0, 8: 0.0, 6: 0.4, 4: 1.0}))
+    assert settled(Decision("a", 8, ""), measured, PLAN, cfg)
+    assert not settled(Decision("a", 6, ""), measured, PLAN, cfg)
+    q = AdaptiveQuantizer(list(measured.values()), PLAN)
+    assert not q.settled()  # no decision yet
+    q.update(100.0)
+    assert (q.decision.cut_id, q.decision.bits) == ("a", 8) and q.settled()
+    q.update(8.0)  # down at once: 8 bits no longer fit
+    assert q.decision.bits < 8 and not q.settled()
 
 
 def fits(d: Decision, mbps: float) -> bool:
