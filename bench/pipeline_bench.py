@@ -458,6 +458,14 @@ def _adaptation_workload(b: Bench) -> Workload:
                     {"input": smooth_images(100 if b.quick else 400, size=size, seed=3)}, None, cal)
 
 
+def _until(w: Workload, stop_at: float):
+    """The workload's inputs, looped, until time.perf_counter() reaches `stop_at`."""
+    for s in _samples(w.inputs, 10**9, w.labels):
+        if time.perf_counter() >= stop_at:
+            return
+        yield s
+
+
 def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | None, w: Workload,
                   reference: np.ndarray, rate_hz: float, start_mbps: float, bank: bool = True,
                   cut: str | None = None, label: str = "") -> dict:
@@ -477,16 +485,8 @@ def _run_on_trace(b: Bench, bundle, cloud_address: str, trace: str, bits: int | 
             row = bundle.row_for_bandwidth(start_mbps)
             agent.quantizer.decision = Decision(cut or row.cut, bits or row.bits, "bench: start at the trace's median")
             t0 = time.perf_counter()
-            stop_at = t0 + b.seconds
-
-            def feed():
-                for s in _samples(w.inputs, 10**9, w.labels):
-                    if time.perf_counter() >= stop_at:
-                        return
-                    yield s
-
             results, arrivals = [], []
-            for r in agent.run(feed(), rate_hz=rate_hz):
+            for r in agent.run(_until(w, t0 + b.seconds), rate_hz=rate_hz):
                 results.append(r)
                 arrivals.append(time.perf_counter())
             wall = time.perf_counter() - t0
@@ -533,15 +533,7 @@ def _pilot_throughput(b: Bench, bundle, cloud_address: str, cut: str, bits: int,
     seconds = max(4.0, b.seconds / 4)
     times = []
     with Agent(bundle, cfg) as agent:
-        stop_at = time.perf_counter() + seconds
-
-        def feed():
-            for s in _samples(w.inputs, 10**9, w.labels):
-                if time.perf_counter() >= stop_at:
-                    return
-                yield s
-
-        for r in agent.run(feed()):
+        for r in agent.run(_until(w, time.perf_counter() + seconds)):
             times.append(time.perf_counter())
         where = {k: v for k, v in agent.stats.items() if k in ("cloud", "edge", "fallback")}
     tput, counted = _steady(times)

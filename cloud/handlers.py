@@ -273,23 +273,23 @@ def prepare(received: Received, find_model: Callable[[str, str], Model], limits:
             request = parse(received.raw)
         request_id = request.request_id
         model = find_model(request.model, request.plan_sha256)
+        nbytes = len(received.raw) if received.raw else request.ByteSize()
         if request.measure_only:  # a link probe: only its arrival matters
-            return measured(request, received)
+            return measured(request_id, received, nbytes)
         check_tensors(request, model.spec(request.cut_id), limits)
         tensors = decode_tensors(request, limits)
     except Exception as exc:
         if not isinstance(exc, RequestError):
             log.exception("request %d failed before its run", request_id)
         return error_response(request_id, exc, received)
-    nbytes = len(received.raw) if received.raw else request.ByteSize()
     return Prepared(request, model, tensors, received, nbytes, (time.perf_counter() - t0) * 1e3)
 
 
-def measured(request: pb.InferRequest, received: Received) -> pb.InferResponse:
+def measured(request_id: int, received: Received, nbytes: int) -> pb.InferResponse:
     """The answer to a measure_only request: its arrival (time, bytes), nothing decoded or run."""
-    resp = pb.InferResponse(request_id=request.request_id)
+    resp = pb.InferResponse(request_id=request_id)
     resp.timing.receive_unix_ns = received.unix_ns
-    resp.timing.bytes_received = len(received.raw) if received.raw else request.ByteSize()
+    resp.timing.bytes_received = nbytes
     return resp
 
 

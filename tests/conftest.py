@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,14 @@ def run_coach(*args, timeout=180):
 @pytest.fixture(scope="session")
 def coach():
     return run_coach
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A localhost TCP port nothing listens on (for servers that need a fixed port, e.g. metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

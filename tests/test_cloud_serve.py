@@ -323,16 +323,10 @@ def test_shutdown_answers_in_flight_requests_then_ends_streams(bundles, models):
 # ---------------------------------------------------------------- the CLI
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_cli_serves_prints_ready_line_and_exits_0_on_sigterm(bundles):
+def test_cli_serves_prints_ready_line_and_exits_0_on_sigterm(bundles, free_port):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    mport = _free_port()
+    mport = free_port
     srv = ServerProcess(["--bundle", str(bundles[0]), "--listen", "127.0.0.1:0", "--metrics-port", str(mport)])
     try:
         assert srv.models == "tiny" and srv.host == "127.0.0.1"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -221,16 +220,14 @@ def test_tls_and_token_from_the_edge(coach, bundle, tmp_path, interior):
 
 
 @pytest.mark.parametrize("interval_s", [0.0, 0.5])
-def test_probes_calibrate_an_estimator_that_nothing_queues_for(bundle, interval_s):
+def test_probes_calibrate_an_estimator_that_nothing_queues_for(bundle, interval_s, free_port):
     """Paced inputs on an ample link never queue, so no request's timing says what the link can do
     (the estimator stays uncalibrated); probe pairs (two copies of an input through the cloud-only
     cut, back to back) calibrate it. Their answers are no results: still one per input, in order;
     and they are measure_only: the cloud runs nothing for them (its metrics count them apart)."""
     from bench.link import LinkEmulator
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        mport = s.getsockname()[1]
+    mport = free_port
     cloud = ServerProcess(["--bundle", str(bundle), "--listen", "127.0.0.1:0", "--metrics-port", str(mport)])
     emu = LinkEmulator("127.0.0.1:0", ("127.0.0.1", cloud.port), "const:50", "const:50", delay_ms=5).start()
     try:
