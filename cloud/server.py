@@ -325,6 +325,10 @@ async def serve(models: list[Model] | None = None, config: ServerConfig | None =
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
+        # each stream may send 4 MiB before the server reads: a 200 KB request crosses in one go instead
+        # of waiting on flow-control window updates (A/B of `coach bench pipeline --parts 3`, 4 runs each:
+        # about -0.1 ms per request, lower p95)
+        ("grpc.http2.lookahead_bytes", 4 << 20),
     ]
     interceptors = [TokenAuth(config.tokens)] if config.tokens is not None else []
     server = grpc.aio.server(options=opts, interceptors=interceptors,
