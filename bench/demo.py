@@ -69,6 +69,7 @@ def stream_npz(stream_dir: Path, out: Path) -> None:
 
 
 def calibration_npz(data_dir: Path, out: Path, n: int = 400, seed: int = 0) -> None:
+    """Up to n images of a simulated dataset, with their labels, as `coach plan --calibration` reads them."""
     with np.load(data_dir / "data.npz", allow_pickle=False) as d:
         idx = np.random.default_rng(seed).permutation(len(d["y"]))[:n]
         np.savez(out, image=d["X"][idx], label=d["y"][idx])
@@ -82,16 +83,20 @@ def cache_version() -> str:
     return f"{PREPROCESS_VERSION} simulator {SIM_VERSION} model {' '.join(MODEL_ARGS)} profile {' '.join(PROFILE_ARGS)}"
 
 
-def planned_before_this_cache(bundle: Path) -> bool:
-    """A cached bundle whose semantic cache pools another way than this coach writes (planned by an
-    older coach): planned again, the trained model and the data are kept."""
+def planned_before_this_cache(bundle: Path, calibration: Path) -> bool:
+    """A cached bundle planned by an older coach (its semantic cache pools another way than this coach
+    writes) or with another calibration set: planned again, the trained model and the data are kept."""
+    import hashlib
+
     from protos.bundle import POOLING
 
     try:
-        cache = json.loads((bundle / "plan.json").read_text()).get("cache") or {}
+        plan = json.loads((bundle / "plan.json").read_text())
     except (OSError, ValueError):
         return True
-    return cache.get("pooling", POOLING) != POOLING
+    cache = plan.get("cache") or {}
+    used = ((plan.get("objective") or {}).get("calibration") or {}).get("sha256")
+    return cache.get("pooling", POOLING) != POOLING or used != hashlib.sha256(calibration.read_bytes()).hexdigest()
 
 
 def prepare(args) -> Path:
@@ -120,7 +125,7 @@ def prepare(args) -> Path:
     if not (c / "calib.npz").exists():
         calibration_npz(data, c / "calib.npz")
     bundle = c / "bundle"
-    if not (bundle / "plan.json").exists() or planned_before_this_cache(bundle):
+    if not (bundle / "plan.json").exists() or planned_before_this_cache(bundle, c / "calib.npz"):
         step(f"profiling: edge on core 0 (then x{EDGE_SLOWDOWN:g} to stand for a Jetson), cloud on core 1")
         coach("profile", str(model / "model.onnx"), "--out", str(c / "edge.json"), "--device-name", "edge", *PROFILE_ARGS,
               cores="0")

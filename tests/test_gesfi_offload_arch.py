@@ -52,3 +52,24 @@ def test_demo_trains_the_offload_arch_and_its_cache_stamp_says_so():
 
     assert demo.MODEL_ARGS[:2] == ["--arch", "offload"]
     assert "--arch offload" in demo.cache_version() and "--threads 1" in demo.cache_version()
+
+
+def test_demo_plans_again_when_its_calibration_set_changes(tmp_path):
+    import hashlib
+    import json
+
+    from bench import demo
+    from protos.bundle import POOLING
+
+    calib = tmp_path / "calib.npz"
+    calib.write_bytes(b"the images the bundle was planned with")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    plan = {"objective": {"calibration": {"sha256": hashlib.sha256(calib.read_bytes()).hexdigest()}},
+            "cache": {"pooling": POOLING}}
+    (bundle / "plan.json").write_text(json.dumps(plan))
+    assert not demo.planned_before_this_cache(bundle, calib)
+    calib.write_bytes(b"another calibration set")
+    assert demo.planned_before_this_cache(bundle, calib)
+    (bundle / "plan.json").write_text("{not json")
+    assert demo.planned_before_this_cache(bundle, calib)
