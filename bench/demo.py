@@ -83,7 +83,7 @@ def cache_version() -> str:
     return f"{PREPROCESS_VERSION} simulator {SIM_VERSION} model {' '.join(MODEL_ARGS)} profile {' '.join(PROFILE_ARGS)}"
 
 
-def planned_before_this_cache(bundle: Path, calibration: Path) -> bool:
+def plan_is_stale(bundle: Path, calibration: Path) -> bool:
     """A cached bundle planned by an older coach (its semantic cache pools another way than this coach
     writes) or with another calibration set: planned again, the trained model and the data are kept."""
     import hashlib
@@ -125,7 +125,7 @@ def prepare(args) -> Path:
     if not (c / "calib.npz").exists():
         calibration_npz(data, c / "calib.npz")
     bundle = c / "bundle"
-    if not (bundle / "plan.json").exists() or planned_before_this_cache(bundle, c / "calib.npz"):
+    if not (bundle / "plan.json").exists() or plan_is_stale(bundle, c / "calib.npz"):
         step(f"profiling: edge on core 0 (then x{EDGE_SLOWDOWN:g} to stand for a Jetson), cloud on core 1")
         coach("profile", str(model / "model.onnx"), "--out", str(c / "edge.json"), "--device-name", "edge", *PROFILE_ARGS,
               cores="0")

@@ -68,8 +68,8 @@ def test_demo_plans_again_when_its_calibration_set_changes(tmp_path):
     plan = {"objective": {"calibration": {"sha256": hashlib.sha256(calib.read_bytes()).hexdigest()}},
             "cache": {"pooling": POOLING}}
     (bundle / "plan.json").write_text(json.dumps(plan))
-    assert not demo.planned_before_this_cache(bundle, calib)
+    assert not demo.plan_is_stale(bundle, calib)
     calib.write_bytes(b"another calibration set")
-    assert demo.planned_before_this_cache(bundle, calib)
+    assert demo.plan_is_stale(bundle, calib)
     (bundle / "plan.json").write_text("{not json")
-    assert demo.planned_before_this_cache(bundle, calib)
+    assert demo.plan_is_stale(bundle, calib)
