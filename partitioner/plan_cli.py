@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("semantic cache (needs --calibration)")
     c.add_argument("--cache-precision", default="0.99", metavar="P",
                    help="target precision of cache answers against the full model's (default 0.99)")
+    c.add_argument("--cache-calibration", metavar="FILE.npz",
+                   help="build the cache's centers and thresholds from these inputs (same format as "
+                        "--calibration) instead: e.g. inputs like the deployment's, where --calibration "
+                        "holds a domain the model was not trained on to measure the accuracy drop")
     c.add_argument("--cache-held-out", default="0.5", metavar="F",
                    help="fraction of calibration samples held out to calibrate thresholds (default 0.5)")
     c.add_argument("--cache-grids", default="1,2,4", metavar="G[,G...]",
@@ -308,9 +312,13 @@ def run(args) -> int:
     for t, ti in info.tensors.items():  # fill gaps from the graph analysis (batch fixed to 1)
         if t not in types and ti.dtype and ti.shape is not None and None not in ti.shape:
             types[t] = TensorType(t, ti.dtype, tuple(ti.shape))
-    calibration = None
+    calibration = cache_calibration = None
     if args.calibration:  # checked before the (long) profiling
         calibration = load_calibration(args.calibration, {i: types[i] for i in info.inputs})
+    if args.cache_calibration:
+        if calibration is None:
+            raise UserError("--cache-calibration needs --calibration (the accuracy drop is measured on it)")
+        cache_calibration = load_calibration(args.cache_calibration, {i: types[i] for i in info.inputs})
     edge_prof, cloud_prof = _profiles(args, opt.path, sha, opt.runs, opt.slowdown)
     outputs_of = {n.id: n.outputs for n in info.all_nodes}
     try:
@@ -333,7 +341,7 @@ def run(args) -> int:
         notes.append(f"search mode {mode}: a region's frontier was thinned to a fine grid "
                      "(near-optimal, not proven optimal)")
 
-    planner = _Planner(opt, data, model, info, g, types, notes, calibration, args.no_timing)
+    planner = _Planner(opt, data, model, info, g, types, notes, calibration, args.no_timing, cache_calibration)
     planner.files["full.onnx"] = data
     with _progress() as prog:
         planner.prog = prog
@@ -352,7 +360,7 @@ class _Planner:
     """The search -> verify -> describe steps of one `coach plan` run (state shared between them)."""
 
     def __init__(self, opt: Options, data: bytes, model, info, g, types, notes: list[str],
-                 calibration, no_timing: bool):
+                 calibration, no_timing: bool, cache_calibration=None):
         from partitioner.accuracy import AccuracyMeter
         from partitioner.search import AccuracyOracle
 
@@ -365,6 +373,7 @@ class _Planner:
         self.prog = None
         self.input_types = {i: types[i] for i in info.inputs}
         self.calibration = calibration
+        self.cache_calibration = cache_calibration  # None: the cache is built from `calibration`
         self.meter = None
         if calibration is not None:
             self.bits = opt.bits or list(ALL_BITS)
@@ -549,7 +558,7 @@ class _Planner:
         from protos.bundle import POOLING
         from protos.semantic import pool
 
-        opt, meter, cal = self.opt, self.meter, self.calibration
+        opt, meter, cal = self.opt, self.cache_meter(), self.cache_calibration or self.calibration
         interior = [c for c in kept.values() if c.kind == "interior"]
         why = None
         if not opt.cache:
@@ -593,8 +602,9 @@ class _Planner:
             nb = normal[cut.id]
             normal_agree = meter.agreement(cut, nb)[held]
             lower = {b: meter.agreement(cut, b)[held] for b in self.bits if b < nb}
-            # the band may spend what the normal bits leave of the budget (their drop on all samples)
-            left = max(0.0, opt.budget - (meter(cut, nb) or 0.0))
+            # the band may spend what the normal bits leave of the budget (their drop on all samples of
+            # the accuracy calibration)
+            left = max(0.0, opt.budget - (self.meter(cut, nb) or 0.0))
             if centers.valid.any():
                 th = calibrate(feats[held], ref[held], centers, opt.cache_precision, lower or None,
                                normal_agree, left).to_json()
@@ -629,7 +639,18 @@ class _Planner:
                              f"precision {opt.cache_precision:g} against the full model")
         return {**file_ref("centers.npz", self.files["centers.npz"]), "pooling": POOLING,
                 "target_precision": opt.cache_precision, "held_out_fraction": opt.cache_held_out,
-                "split_seed": opt.seed, "labels": labels is not None, "cuts": entries}
+                "split_seed": opt.seed, "labels": labels is not None, "cuts": entries,
+                "calibration": {"file": Path(cal.source).name, "sha256": cal.sha256, "samples": cal.samples}}
+
+    def cache_meter(self):
+        """The meter the cache is built with: the accuracy meter, or one over --cache-calibration."""
+        from partitioner.accuracy import AccuracyMeter
+
+        if self.cache_calibration is None or self.meter is None:
+            return self.meter
+        if getattr(self, "_cache_meter", None) is None:
+            self._cache_meter = AccuracyMeter(self.data, self.cache_calibration, self.make_split)
+        return self._cache_meter
 
     def document(self, sha, edge_prof, cloud_prof, mode, cut_docs, plan_rows, base_rows,
                  cache: dict | None = None) -> dict:

@@ -54,22 +54,29 @@ def test_demo_trains_the_offload_arch_and_its_cache_stamp_says_so():
     assert "--arch offload" in demo.cache_version() and "--threads 1" in demo.cache_version()
 
 
-def test_demo_plans_again_when_its_calibration_set_changes(tmp_path):
+def test_demo_plans_again_when_its_calibration_sets_change(tmp_path):
     import hashlib
     import json
 
     from bench import demo
     from protos.bundle import POOLING
 
-    calib = tmp_path / "calib.npz"
-    calib.write_bytes(b"the images the bundle was planned with")
+    accuracy, cache = tmp_path / "heldout.npz", tmp_path / "calib.npz"
+    accuracy.write_bytes(b"the images the drops were measured on")
+    cache.write_bytes(b"the images the cache was built from")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    plan = {"objective": {"calibration": {"sha256": hashlib.sha256(calib.read_bytes()).hexdigest()}},
-            "cache": {"pooling": POOLING}}
-    (bundle / "plan.json").write_text(json.dumps(plan))
-    assert not demo.plan_is_stale(bundle, calib)
-    calib.write_bytes(b"another calibration set")
-    assert demo.plan_is_stale(bundle, calib)
+
+    def planned_with(a: bytes, c: bytes) -> None:
+        plan = {"objective": {"calibration": {"sha256": hashlib.sha256(a).hexdigest()}},
+                "cache": {"pooling": POOLING, "calibration": {"sha256": hashlib.sha256(c).hexdigest()}}}
+        (bundle / "plan.json").write_text(json.dumps(plan))
+
+    planned_with(accuracy.read_bytes(), cache.read_bytes())
+    assert not demo.plan_is_stale(bundle, accuracy, cache)
+    planned_with(cache.read_bytes(), cache.read_bytes())  # one set for both (the demo before stop 19)
+    assert demo.plan_is_stale(bundle, accuracy, cache)
+    planned_with(accuracy.read_bytes(), b"another cache set")
+    assert demo.plan_is_stale(bundle, accuracy, cache)
     (bundle / "plan.json").write_text("{not json")
-    assert demo.plan_is_stale(bundle, calib)
+    assert demo.plan_is_stale(bundle, accuracy, cache)

@@ -189,6 +189,30 @@ def test_without_labels_centers_use_every_build_answer(work, tmp_path):
     assert load_bundle(tmp_path / "u").caches
 
 
+def test_cache_calibration_builds_the_cache_and_leaves_the_accuracy_to_calibration(work, tmp_path, capsys):
+    """--cache-calibration: centers and thresholds from its inputs, the accuracy drops from --calibration's."""
+    with np.load(work / "calib.npz") as z:
+        x, y = z["x"], z["label"]
+    np.savez(tmp_path / "half.npz", x=x[:200], label=y[:200])  # another set: 200 inputs, 100 held out
+    assert plan(work, tmp_path / "two", "--calibration", str(work / "calib.npz"),
+                "--cache-calibration", str(tmp_path / "half.npz")) == 0
+    one, two = doc_of(work / "b"), doc_of(tmp_path / "two")
+    sha = hashlib.sha256((tmp_path / "half.npz").read_bytes()).hexdigest()
+    assert two["cache"]["calibration"] == {"file": "half.npz", "sha256": sha, "samples": 200}
+    assert two["objective"]["calibration"]["sha256"] == one["objective"]["calibration"]["sha256"]
+    assert one["cache"]["calibration"]["sha256"] == one["objective"]["calibration"]["sha256"]
+    assert [c["quantization"] for c in two["cuts"]] == [c["quantization"] for c in one["cuts"]]
+    build, held = split_held_out(200, 0.5, two["cache"]["split_seed"])
+    for e in two["cache"]["cuts"].values():
+        assert e["held_out"] == len(held) == 100 and e["centers_from"] <= len(build)
+    assert load_bundle(tmp_path / "two").caches
+    # without --calibration there is no accuracy to measure: a one-line error, no bundle
+    assert plan(work, tmp_path / "x", "--cache-calibration", str(tmp_path / "half.npz")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cache-calibration needs --calibration" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
 def test_no_cache_and_no_calibration_give_null(work, tmp_path, capsys):
     assert plan(work, tmp_path / "off", "--calibration", str(work / "calib.npz"), "--no-cache") == 0
     assert plan(work, tmp_path / "nocal") == 0
