@@ -374,6 +374,7 @@ class _Planner:
         self.input_types = {i: types[i] for i in info.inputs}
         self.calibration = calibration
         self.cache_calibration = cache_calibration  # None: the cache is built from `calibration`
+        self._cache_meter = None
         self.meter = None
         if calibration is not None:
             self.bits = opt.bits or list(ALL_BITS)
@@ -648,7 +649,7 @@ class _Planner:
 
         if self.cache_calibration is None or self.meter is None:
             return self.meter
-        if getattr(self, "_cache_meter", None) is None:
+        if self._cache_meter is None:
             self._cache_meter = AccuracyMeter(self.data, self.cache_calibration, self.make_split)
         return self._cache_meter
 
