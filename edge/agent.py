@@ -165,8 +165,8 @@ class Agent:
         self._adapts = (len(self.quantizer.cuts) > 1
                         or any(len(c.bytes_by_bits) + len(c.below_bytes) > 1 for c in self.quantizer.cuts.values()))
         self.link: CloudLink | None = None
-        # bytes: requests answered by the cloud; verify_bytes: cache hits also sent to check them
-        # probe_bytes: copies sent to measure the link
+        # bytes put on the uplink (answered or not): bytes, requests; verify_bytes, cache hits also sent to
+        # check them; probe_bytes, copies sent to measure the link
         self.stats = {"cloud": 0, "edge": 0, "cache": 0, "fallback": 0, "late": 0, "bytes": 0, "verify_bytes": 0,
                       "probe_bytes": 0,
                       "reconnects": 0}
@@ -572,6 +572,9 @@ class Agent:
             taken = self._take(req_id)
             if taken is not None:
                 self._local.put(taken)
+            return
+        with self._lock:  # bytes on the uplink, answered or not (a request past its deadline was sent too)
+            self.stats["probe_bytes" if item.probe else "verify_bytes" if item.verify_only else "bytes"] += item.nbytes
 
     def _take(self, req_id: int) -> _Item | None:
         """Remove a pending request exactly once (response, deadline and broken link race for it)."""
@@ -637,8 +640,6 @@ class Agent:
         if item.feature is not None:
             self.caches[item.cut].observe(item.feature, top.index, item.cache)
         if item.verify_only:
-            with self._lock:
-                self.stats["probe_bytes" if item.probe else "verify_bytes"] += item.nbytes
             return  # its result, from the cache, is out already
         timing = {"edge_ms": item.head_ms, "encode_ms": item.encode_ms, "wire_ms": wire_ms,
                   "cloud_ms": st.decode_ms + st.compute_ms,
@@ -646,7 +647,6 @@ class Agent:
                   "total_ms": (t_recv - item.t_capture) * 1e3}
         with self._lock:
             self.stats["cloud"] += 1
-            self.stats["bytes"] += item.nbytes
         self._results.put((item.seq, Result(id=item.sample.id, cls=top.index, score=top.score, where="cloud",
                                             bits=item.bits, cut=item.cut, timing=timing, label=item.sample.label)))
 
