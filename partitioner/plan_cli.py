@@ -559,7 +559,8 @@ class _Planner:
         from protos.bundle import POOLING
         from protos.semantic import pool
 
-        opt, meter, cal = self.opt, self.cache_meter(), self.cache_calibration or self.calibration
+        opt, meter = self.opt, self.cache_meter()
+        cal = meter.cal if meter is not None else None  # the inputs the cache is built from
         interior = [c for c in kept.values() if c.kind == "interior"]
         why = None
         if not opt.cache:
